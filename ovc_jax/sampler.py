@@ -1,0 +1,203 @@
+"""The keyed noise sampler: the one way any certifier draws Gaussian noise.
+
+Noise sample i of an input is a pure function of a key and i,
+
+    e_i = sigma * normal(fold_in(key, i), x.shape),
+
+so any sample can be regenerated alone, in any batch size, on any number of
+devices, and the counts a certifier sees do not depend on how the samples were
+batched. Standard RS, Modified-IRS (which replays the first n_p samples of a
+known prompt), Cached-OVC (which stores the embeddings of every sample) and
+MVN-OVC (which draws its latent Gaussian samples here too) all call
+`sample_under_noise`.
+
+One compiled program per (base classifier, input shape, sample count, batch
+size, outputs, mesh): the samples are evaluated in fixed-size chunks (vmap inside
+a chunk, `lax.scan` across chunks), the ragged last chunk is padded and masked
+rather than re-traced, and counts accumulate on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ovc_jax.errors import ConfigError, InputError
+
+# A base classifier: `apply_fn(params, inputs [B, *x.shape]) -> outputs`, where
+# outputs maps "predictions" to int [B] (or [B, P] for P classifiers at once)
+# and, optionally, "embeddings" to [B, d]. It must be hashable (a module-level
+# function or a frozen dataclass) because it is a static argument of `jax.jit`.
+ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
+
+OUTPUTS = ("counts", "predictions", "embeddings")
+SAMPLE_AXIS = "samples"
+
+
+def sample_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+  """The key of each noise sample: `fold_in(key, i)` for i in `indices`."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
+def standard_normal_samples(key: jax.Array, indices: jax.Array,
+                            shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Unit-variance noise samples `[len(indices), *shape]`, sample i keyed by i."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(
+      sample_keys(key, indices))
+
+
+def selection_key(key: jax.Array) -> jax.Array:
+  """Key of the n0 selection draws of an input (which class to certify)."""
+  return jax.random.fold_in(key, 0)
+
+
+def estimation_key(key: jax.Array) -> jax.Array:
+  """Key of the n estimation draws; disjoint from the selection draws."""
+  return jax.random.fold_in(key, 1)
+
+
+def input_key(seed: int, index: int) -> jax.Array:
+  """The noise key of dataset input `index` in a run seeded with `seed`."""
+  return jax.random.fold_in(jax.random.key(seed), index)
+
+
+def check_sampler_args(*, num_samples: int, sigma: float, batch_size: int,
+                       num_classes: int | None = None) -> None:
+  """Raises ConfigError for arguments a sampler call cannot honour."""
+  if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    raise ConfigError(f"the number of noise samples must be >= 1; got {num_samples}")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ConfigError(f"batch size must be >= 1; got {batch_size}")
+  if not np.isfinite(sigma) or sigma <= 0:
+    raise ConfigError(f"sigma must be a finite number > 0; got {sigma}")
+  if num_classes is not None and num_classes < 1:
+    raise ConfigError(f"num_classes must be >= 1; got {num_classes}")
+
+
+def check_input(x: Any, expected_shape: Sequence[int] | None = None) -> np.ndarray:
+  """Validates one input of the base classifier (any shape), as float32."""
+  arr = np.asarray(x)
+  if not np.issubdtype(arr.dtype, np.number):
+    raise InputError(f"input must be numeric; got dtype {arr.dtype}")
+  if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
+    raise InputError(
+        f"input has shape {tuple(arr.shape)} but the model takes "
+        f"{tuple(expected_shape)}")
+  arr = arr.astype(np.float32)
+  if not np.all(np.isfinite(arr)):
+    raise InputError("input contains NaN or infinite values")
+  return arr
+
+
+def _chunk_size(batch_size: int, mesh: Mesh | None) -> int:
+  """The chunk size: batch_size, rounded up to a multiple of the mesh size."""
+  if mesh is None:
+    return batch_size
+  devices = mesh.devices.size
+  return math.ceil(batch_size / devices) * devices
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "num_samples", "batch_size", "num_classes",
+                     "outputs", "mesh"))
+def _sample(apply_fn, params, x, key, sigma, *, num_samples, batch_size,
+            num_classes, outputs, mesh):
+  chunk = _chunk_size(batch_size, mesh)
+  num_chunks = math.ceil(num_samples / chunk)
+
+  def evaluate_chunk(counts, c):
+    indices = c * chunk + jnp.arange(chunk)
+    noise = standard_normal_samples(key, indices, x.shape, x.dtype)
+    if mesh is not None:
+      noise = jax.lax.with_sharding_constraint(
+          noise, NamedSharding(mesh, PartitionSpec(SAMPLE_AXIS)))
+    result = apply_fn(params, x[None] + sigma.astype(x.dtype) * noise)
+    if "counts" in outputs:
+      valid = indices < num_samples  # the padded tail of the last chunk
+      one_hot = jax.nn.one_hot(result["predictions"], num_classes,
+                               dtype=jnp.int32)
+      valid = valid.reshape((chunk,) + (1,) * (one_hot.ndim - 1))
+      counts = counts + jnp.sum(jnp.where(valid, one_hot, 0), axis=0)
+    kept = {k: result[k] for k in outputs if k != "counts"}
+    return counts, kept
+
+  if "counts" in outputs:
+    pred_shape = jax.eval_shape(
+        apply_fn, params, jax.ShapeDtypeStruct((chunk,) + x.shape, x.dtype)
+    )["predictions"].shape[1:]
+    counts0 = jnp.zeros(pred_shape + (num_classes,), jnp.int32)
+  else:
+    counts0 = jnp.zeros((), jnp.int32)
+  counts, kept = jax.lax.scan(evaluate_chunk, counts0, jnp.arange(num_chunks))
+  out = {k: v.reshape((num_chunks * chunk,) + v.shape[2:])[:num_samples]
+         for k, v in kept.items()}
+  if "counts" in outputs:
+    out["counts"] = counts
+  return out
+
+
+def sample_under_noise(
+    apply_fn: ApplyFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    num_samples: int,
+    sigma: float,
+    batch_size: int,
+    num_classes: int | None = None,
+    outputs: Sequence[str] = ("counts",),
+    mesh: Mesh | None = None,
+) -> dict[str, jax.Array]:
+  """Evaluates a base classifier on `num_samples` keyed noisy copies of `x`.
+
+  Args:
+    apply_fn: the base classifier (see `ApplyFn`); hashable.
+    params: its parameters (any pytree), passed through to `apply_fn`.
+    x: one input, any shape; noise of the same shape is added to it.
+    key: the noise key; sample i uses `fold_in(key, i)`.
+    num_samples: how many noisy copies.
+    sigma: noise standard deviation.
+    batch_size: samples evaluated at once (memory bound, not semantics: the
+      outputs are the same for every batch size).
+    num_classes: the class count, needed for "counts".
+    outputs: any of "counts" (int32 [..., num_classes], the histogram of
+      predictions), "predictions" (int [num_samples, ...]) and "embeddings"
+      ([num_samples, d]); all from the same samples.
+    mesh: optional device mesh with a "samples" axis; each chunk is split
+      across it. batch_size is rounded up to a multiple of the mesh size.
+
+  Returns:
+    A dict with the requested outputs, on the device.
+  """
+  outputs = tuple(outputs)
+  for name in outputs:
+    if name not in OUTPUTS:
+      raise ConfigError(f"unknown sampler output {name!r}; choose from {OUTPUTS}")
+  if "counts" in outputs and num_classes is None:
+    raise ConfigError("num_classes is required for counts")
+  check_sampler_args(num_samples=num_samples, sigma=sigma,
+                     batch_size=batch_size, num_classes=num_classes)
+  if mesh is not None and SAMPLE_AXIS not in mesh.axis_names:
+    raise ConfigError(
+        f"the mesh must have an axis named {SAMPLE_AXIS!r}; got {mesh.axis_names}")
+  if not isinstance(apply_fn, Hashable):
+    raise ConfigError("apply_fn must be hashable (a function or frozen dataclass)")
+  return _sample(apply_fn, params, jnp.asarray(x), key,
+                 jnp.asarray(sigma, jnp.float32),
+                 num_samples=int(num_samples), batch_size=int(batch_size),
+                 num_classes=None if num_classes is None else int(num_classes),
+                 outputs=outputs, mesh=mesh)
+
+
+def sample_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) for the sample axis."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (SAMPLE_AXIS,))
