@@ -107,20 +107,21 @@ def _chunk_size(batch_size: int, mesh: Mesh | None) -> int:
     jax.jit,
     static_argnames=("apply_fn", "num_samples", "batch_size", "num_classes",
                      "outputs", "mesh"))
-def _sample(apply_fn, params, x, key, sigma, *, num_samples, batch_size,
-            num_classes, outputs, mesh):
+def _sample(apply_fn, params, x, key, sigma, first_index, *, num_samples,
+            batch_size, num_classes, outputs, mesh):
   chunk = _chunk_size(batch_size, mesh)
   num_chunks = math.ceil(num_samples / chunk)
 
   def evaluate_chunk(counts, c):
-    indices = c * chunk + jnp.arange(chunk)
+    offsets = c * chunk + jnp.arange(chunk)
+    indices = first_index + offsets
     noise = standard_normal_samples(key, indices, x.shape, x.dtype)
     if mesh is not None:
       noise = jax.lax.with_sharding_constraint(
           noise, NamedSharding(mesh, PartitionSpec(SAMPLE_AXIS)))
     result = apply_fn(params, x[None] + sigma.astype(x.dtype) * noise)
     if "counts" in outputs:
-      valid = indices < num_samples  # the padded tail of the last chunk
+      valid = offsets < num_samples  # the padded tail of the last chunk
       one_hot = jax.nn.one_hot(result["predictions"], num_classes,
                                dtype=jnp.int32)
       valid = valid.reshape((chunk,) + (1,) * (one_hot.ndim - 1))
@@ -155,6 +156,7 @@ def sample_under_noise(
     num_classes: int | None = None,
     outputs: Sequence[str] = ("counts",),
     mesh: Mesh | None = None,
+    first_index: int = 0,
 ) -> dict[str, jax.Array]:
   """Evaluates a base classifier on `num_samples` keyed noisy copies of `x`.
 
@@ -173,6 +175,8 @@ def sample_under_noise(
       ([num_samples, d]); all from the same samples.
     mesh: optional device mesh with a "samples" axis; each chunk is split
       across it. batch_size is rounded up to a multiple of the mesh size.
+    first_index: the samples drawn are first_index, ..., first_index +
+      num_samples - 1 (so a certifier can draw the rest of a stream later).
 
   Returns:
     A dict with the requested outputs, on the device.
@@ -190,8 +194,11 @@ def sample_under_noise(
         f"the mesh must have an axis named {SAMPLE_AXIS!r}; got {mesh.axis_names}")
   if not isinstance(apply_fn, Hashable):
     raise ConfigError("apply_fn must be hashable (a function or frozen dataclass)")
+  if first_index < 0:
+    raise ConfigError(f"first_index must be >= 0; got {first_index}")
   return _sample(apply_fn, params, jnp.asarray(x), key,
                  jnp.asarray(sigma, jnp.float32),
+                 jnp.asarray(first_index, jnp.int32),
                  num_samples=int(num_samples), batch_size=int(batch_size),
                  num_classes=None if num_classes is None else int(num_classes),
                  outputs=outputs, mesh=mesh)

@@ -1,0 +1,201 @@
+"""MVN-OVC (paper Alg. 4): a fast approximation, NOT a certificate.
+
+Fit a Gaussian N(mu, Sigma) to an input's noisy embeddings once per sigma and
+keep only mu [d] and a factor F of Sigma = F F^T. Logits are linear in the
+embedding, so for a new prompt with class matrix U they are approximately
+
+    l ~ N(U mu, U Sigma U^T) = U mu + (U F) g,   g ~ N(0, I).
+
+Draw n0 + n such logit vectors through the keyed sampler (g is its "noise"),
+count the argmax and finish CERTIFY with pA_lower lowered by a margin delta:
+R = sigma * PhiInv(pA_lower - delta). The embeddings are not Gaussian in
+general (they are L2-normalised outputs of a deep network), so the result can
+exceed the exact radius: it is an estimate, and every output says so. With a
+linear encoder the embeddings are exactly Gaussian and MVN-OVC agrees with
+Cached-OVC within sampling error (tests/test_mvn_ovc.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ovc_jax import sampler
+from ovc_jax.certifiers import standard
+from ovc_jax.errors import ConfigError, InputError
+
+APPROXIMATE_NOTE = "MVN-OVC: approximate, not a certificate"
+
+
+class GaussianFit(NamedTuple):
+  """N(mean, factor @ factor.T): an input's embedding distribution at one sigma."""
+
+  mean: jax.Array    # [d]
+  factor: jax.Array  # [d, r]
+
+
+@jax.jit
+def _fit(embeddings):
+  mean = jnp.mean(embeddings, axis=0)
+  centred = embeddings - mean
+  cov = jnp.einsum("nd,ne->de", centred, centred,
+                   precision=jax.lax.Precision.HIGHEST) / (embeddings.shape[0] - 1)
+  # eigh rather than Cholesky: the sample covariance may be singular (n < d,
+  # or embeddings confined to a subspace), and the factor must still exist.
+  eigvals, eigvecs = jnp.linalg.eigh(cov)
+  return GaussianFit(mean, eigvecs * jnp.sqrt(jnp.maximum(eigvals, 0.0)))
+
+
+def fit_gaussian(embeddings: jax.Array) -> GaussianFit:
+  """Mean and covariance factor of `[m, d]` embeddings (m >= 2)."""
+  embeddings = jnp.asarray(embeddings, jnp.float32)
+  if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+    raise InputError(
+        f"need at least 2 embeddings [m, d] to fit a Gaussian; got {embeddings.shape}")
+  return _fit(embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianLogitClassifier:
+  """argmax of logits U mu + (U F) g for latent standard-normal inputs g [B, r].
+
+  The sampler's base classifier for MVN-OVC: the sampler adds keyed N(0, 1)
+  noise to a zero latent, and this maps it to the prompt's logits.
+  Params: {"mean_logits": [C] or [P, C], "factor_logits": [C, r] or [P, C, r]}.
+  """
+
+  def __call__(self, params: Any, latents: jax.Array) -> dict[str, jax.Array]:
+    spec = "br,cr->bc" if params["factor_logits"].ndim == 2 else "br,pcr->bpc"
+    logits = params["mean_logits"] + jnp.einsum(
+        spec, latents, params["factor_logits"],
+        precision=jax.lax.Precision.HIGHEST)
+    return {"predictions": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+
+
+def gaussian_key(key: jax.Array) -> jax.Array:
+  """Key of MVN-OVC's latent draws; disjoint from the image-noise streams."""
+  return jax.random.fold_in(key, 3)
+
+
+@jax.jit
+def _logit_params(fit: GaussianFit, class_embeddings: jax.Array):
+  hi = jax.lax.Precision.HIGHEST
+  return {"mean_logits": jnp.einsum("...cd,d->...c", class_embeddings,
+                                    fit.mean, precision=hi),
+          "factor_logits": jnp.einsum("...cd,dr->...cr", class_embeddings,
+                                      fit.factor, precision=hi)}
+
+
+def check_margin(delta: float) -> None:
+  if not 0.0 <= delta < 1.0:
+    raise ConfigError(f"the MVN margin delta must lie in [0, 1); got {delta}")
+
+
+def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
+                     key: jax.Array, *, sigma: float, n0: int, n: int,
+                     alpha: float = standard.DEFAULT_ALPHA, delta: float,
+                     batch_size: int = 10_000) -> list[standard.Certificate]:
+  """Approximate certificates of P prompts (U [P, C, d]); see module doc.
+
+  Args:
+    fit: the input's Gaussian fit at this sigma.
+    class_embeddings: `[C, d]` or `[P, C, d]`.
+    key: the input's key (the latent draws use `gaussian_key(key)`).
+    sigma: the image noise level the fit was made at (scales the radius).
+    n0, n, alpha: as in CERTIFY.
+    delta: margin subtracted from pA_lower before the radius.
+    batch_size: latent samples evaluated at once.
+  """
+  standard.check_certify_args(sigma=sigma, n0=n0, n=n, alpha=alpha,
+                              batch_size=batch_size)
+  check_margin(delta)
+  class_embeddings = jnp.asarray(class_embeddings, jnp.float32)
+  if class_embeddings.ndim == 2:
+    class_embeddings = class_embeddings[None]
+  if class_embeddings.ndim != 3 or class_embeddings.shape[-1] != fit.mean.shape[0]:
+    raise InputError(
+        f"class embeddings {class_embeddings.shape} do not match the Gaussian "
+        f"fit's embedding size {fit.mean.shape[0]}")
+  params = _logit_params(fit, class_embeddings)
+  latent = jnp.zeros(fit.factor.shape[1:], jnp.float32)
+  draws = standard.sample_certification_draws(
+      GaussianLogitClassifier(), params, latent, gaussian_key(key), sigma=1.0,
+      num_classes=int(class_embeddings.shape[-2]), n0=n0, n=n,
+      batch_size=batch_size)
+  counts0, counts = jax.device_get((draws.selection["counts"],
+                                    draws.estimation["counts"]))
+  return [standard.certificate_from_counts(c0, c, sigma=sigma, alpha=alpha,
+                                           margin=delta)
+          for c0, c in zip(np.asarray(counts0), np.asarray(counts))]
+
+
+def certify_mvn(fit: GaussianFit, class_embeddings: jax.Array, key: jax.Array,
+                **kwargs) -> standard.Certificate:
+  """Approximate certificate of one prompt (U [C, d]); see certify_mvn_many."""
+  if jnp.ndim(class_embeddings) != 2:
+    raise InputError("certify_mvn takes one prompt's [C, d] class matrix; "
+                     "use certify_mvn_many for [P, C, d]")
+  return certify_mvn_many(fit, class_embeddings, key, **kwargs)[0]
+
+
+def required_margin(mvn: standard.Certificate,
+                    exact: standard.Certificate) -> float:
+  """The smallest delta with which this MVN radius would not exceed the exact one.
+
+  Args:
+    mvn: MVN-OVC's result without margin (delta = 0).
+    exact: the exact certificate (standard RS or Cached-OVC) of the same input,
+      prompt and sigma.
+
+  With margin delta the MVN radius is sigma * PhiInv(p - delta) for its class;
+  it stays at or below the exact radius when p - delta <= the exact pA_lower
+  (same class certified), and it must abstain (p - delta <= 0.5) otherwise.
+  """
+  if mvn.prediction == standard.ABSTAIN:
+    return 0.0
+  if exact.prediction == mvn.prediction:
+    target = exact.pA_lower
+  else:
+    target = 0.5
+  return max(0.0, mvn.pA_lower - target)
+
+
+class MarginCalibration(NamedTuple):
+  """What `calibrate_margin` found over a set of (input, prompt) pairs.
+
+  Attributes:
+    delta: the smallest margin for which no MVN radius exceeds the exact one.
+    overshoot_rate: fraction of pairs whose MVN radius (no margin) exceeds the
+      exact radius.
+    mean_overshoot: mean radius excess over the overshooting pairs (0 if none).
+    max_overshoot: the largest radius excess.
+    pairs: how many pairs were compared.
+  """
+
+  delta: float
+  overshoot_rate: float
+  mean_overshoot: float
+  max_overshoot: float
+  pairs: int
+
+
+def calibrate_margin(mvn: list[standard.Certificate],
+                     exact: list[standard.Certificate]) -> MarginCalibration:
+  """Smallest delta that keeps every MVN radius at or below the exact radius."""
+  if len(mvn) != len(exact) or not mvn:
+    raise InputError("calibration needs equally many, and some, MVN and exact "
+                     f"results; got {len(mvn)} and {len(exact)}")
+  margins = np.array([required_margin(m, e) for m, e in zip(mvn, exact)])
+  excess = np.array([m.radius - (e.radius if e.prediction == m.prediction else 0.0)
+                     for m, e in zip(mvn, exact)])
+  over = excess > 0
+  return MarginCalibration(
+      delta=float(margins.max()),
+      overshoot_rate=float(over.mean()),
+      mean_overshoot=float(excess[over].mean()) if over.any() else 0.0,
+      max_overshoot=float(max(excess.max(), 0.0)),
+      pairs=len(mvn))
