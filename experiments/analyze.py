@@ -1,0 +1,128 @@
+r"""Certified accuracy against radius, drawn and tabulated, from result TSVs.
+
+  python -m experiments.analyze --workdir=workdirs/certify             # one curve per method and sigma
+  python -m experiments.analyze --workdir=DIR --by=sigma --out=curves.png
+  python -m experiments.analyze --tsv=a.tsv,b.tsv --labels=sigma0.25,sigma0.5   # any Cohen-format files
+
+Curves of several prompts of the same group (e.g. the novel prompts of one
+method and sigma) are averaged. MVN-OVC curves are labelled approximate.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from experiments import common
+from ovc_jax import results
+from ovc_jax.errors import ConfigError, DataError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A certify run's workdir.")
+_TSV = flags.DEFINE_list("tsv", [], "Cohen-format TSV files (instead of --workdir).")
+_LABELS = flags.DEFINE_list("labels", [], "Legend labels for --tsv files.")
+_BY = flags.DEFINE_enum("by", "method", ["method", "sigma"],
+                        "One curve per method (and sigma), or per sigma (and method).")
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/certified_accuracy.png).")
+_MAX_RADIUS = flags.DEFINE_float("max_radius", None, "Right end of the radius axis.")
+
+METHOD_LABELS = {"standard": "standard RS", "irs": "Modified-IRS",
+                 "cached": "Cached-OVC", "mvn": "MVN-OVC (approximate)"}
+
+
+def curve(columns, radii: np.ndarray) -> np.ndarray:
+  """Certified accuracy at each radius: mean of correct & radius >= r."""
+  correct = columns["correct"].astype(bool)
+  return np.array([np.mean(correct & (columns["radius"] >= r)) for r in radii])
+
+
+def workdir_groups(workdir: str) -> dict[str, list[str]]:
+  """{group label: [tsv paths]} of a certify workdir's tsv/ tree."""
+  root = os.path.join(workdir, "tsv")
+  paths = results.list_tsvs(root)
+  if not paths:
+    raise DataError(f"no TSV files under {root}: is {workdir} a certify workdir?")
+  groups = collections.defaultdict(list)
+  for path in paths:
+    method, sigma_dir, name = os.path.relpath(path, root).split(os.sep)[-3:]
+    role = name.split("-", 1)[0].rstrip("0123456789")
+    sigma = sigma_dir.replace("sigma_", "")
+    label = (f"{METHOD_LABELS.get(method, method)}, σ={sigma}" if _BY.value == "method"
+             else f"σ={sigma}, {METHOD_LABELS.get(method, method)}")
+    groups[f"{label} ({role} prompts)"].append(path)
+  return dict(sorted(groups.items()))
+
+
+def axis_label(workdir: str | None) -> str:
+  space = "normalised input space"
+  if workdir:
+    try:
+      with open(os.path.join(workdir, "config.json")) as f:
+        if json.load(f).get("noise_space") == "pixel":
+          space = "[0, 1] pixel space"
+    except (OSError, json.JSONDecodeError):
+      pass
+  return f"L2 radius ({space})"
+
+
+@common.exit_on_user_error
+def main(argv) -> None:
+  del argv
+  if bool(_WORKDIR.value) == bool(_TSV.value):
+    raise ConfigError("give either --workdir or --tsv")
+  if _TSV.value:
+    labels = _LABELS.value or [os.path.basename(p) for p in _TSV.value]
+    if len(labels) != len(_TSV.value):
+      raise ConfigError("--labels needs one label per --tsv file")
+    groups = {label: [p] for label, p in zip(labels, _TSV.value)}
+  else:
+    groups = workdir_groups(_WORKDIR.value)
+  out = _OUT.value or os.path.join(_WORKDIR.value or ".", "certified_accuracy.png")
+
+  loaded = {label: [results.read_tsv(p) for p in paths]
+            for label, paths in groups.items()}
+  top = _MAX_RADIUS.value or max(
+      [float(c["radius"].max()) for cols in loaded.values() for c in cols] + [0.5])
+  grid = np.linspace(0.0, top * 1.05, 200)
+  fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+  table_radii = [r for r in results.DEFAULT_RADII if r <= top] or [0.0]
+  rows = []
+  for label, columns in loaded.items():
+    acc = np.mean([curve(c, grid) for c in columns], axis=0)
+    style = "--" if "approximate" in label else "-"
+    ax.plot(grid, acc, style, label=label, linewidth=1.6)
+    rows.append((label, len(columns[0]["radius"]), [
+        float(np.mean([curve(c, np.array([r]))[0] for c in columns]))
+        for r in table_radii]))
+  ax.set_xlabel(axis_label(_WORKDIR.value))
+  ax.set_ylabel("certified accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.set_xlim(0, grid[-1])
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="upper right")
+  ax.set_title("Certified accuracy against L2 radius")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out)
+  plt.close(fig)
+
+  width = max(len(label) for label, _, _ in rows)
+  sys.stdout.write(f"{'curve':{width}} {'inputs':>6} "
+                   + " ".join(f"r>={r:<5g}" for r in table_radii) + "\n")
+  for label, n, accs in rows:
+    sys.stdout.write(f"{label:{width}} {n:6d} "
+                     + " ".join(f"{a:8.3f}" for a in accs) + "\n")
+  sys.stdout.write(f"figure: {out}\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

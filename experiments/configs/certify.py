@@ -1,0 +1,101 @@
+"""Configs of the certify experiment.
+
+  python -m experiments.certify                       # embedded default: toy CLIP, toy split, OVC mode
+  python -m experiments.certify --config=experiments/configs/certify.py:cifar10,vit_b32,paper --workdir=DIR
+  python -m experiments.certify --config=experiments/configs/certify.py:single,standard --config.sigmas=0.5,
+
+The argument after ':' is a comma-separated list of variants, applied in order:
+  datasets   toy | cifar10 | imagenet
+  backbones  toy | vit_b32 | vit_b16 | vit_l14 | rn50 | rn101 | openclip_vit_b32
+  scale      quick (CI-sized) | paper (n = 100,000, Cohen's subsampling, four sigmas)
+  mode       ovc (known then novel prompts, all four methods) | single (one prompt, one method)
+  method     standard | irs | cached | mvn (single mode)
+  noise      pixel (noise in native [0, 1] pixel space; default: normalised space)
+Any field can then be set with --config.FIELD=VALUE.
+"""
+
+from ml_collections import config_dict
+
+# Hugging Face ids and OpenCLIP checkpoints of the real backbones. A hub id is
+# downloaded only when named and online; OpenCLIP files must be placed locally
+# (see checkpoints/README.md).
+BACKBONES = {
+    "toy": "toy",
+    "vit_b32": "openai/clip-vit-base-patch32",
+    "vit_b16": "openai/clip-vit-base-patch16",
+    "vit_l14": "openai/clip-vit-large-patch14",
+    "rn50": "openclip:RN50:checkpoints/downloads/RN50-openai/open_clip_model.safetensors",
+    "rn101": "openclip:RN101:checkpoints/downloads/RN101-openai/open_clip_model.safetensors",
+    "openclip_vit_b32": ("openclip:ViT-B-32:checkpoints/downloads/"
+                         "ViT-B-32-laion2b_s34b_b79k/open_clip_model.safetensors"),
+}
+
+# Cohen et al.'s subsampling: 500 images of each full test set.
+DATASET_SKIP = {"toy": 50, "cifar10": 20, "imagenet": 100}
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  # What is certified.
+  c.dataset = "toy"
+  c.data_dir = ""             # empty: the dataset's default location
+  c.backbone = "toy"
+  c.tokenizer = ""            # empty: the backbone's own tokenizer files
+  c.dtype = "float32"         # or "bfloat16" (accelerators)
+  c.noise_space = "normalized"  # or "pixel"
+  c.classes = ""              # empty: the dataset's class names; or a file / comma list
+  c.templates = ""            # empty: the dataset's templates; or a file / ';' list
+  # Randomized smoothing.
+  c.sigmas = (0.25,)
+  c.n0 = 100
+  c.n = 10_000
+  c.alpha = 0.001
+  c.batch_size = 1000
+  c.skip = DATASET_SKIP["toy"]
+  c.max = -1                  # Cohen's --max: stop at this dataset index (-1: none)
+  c.seed = 0                  # noise keys: fold_in(key(seed), dataset index)
+  # single: one prompt, one method; ovc: known then novel prompts, every method.
+  c.mode = "ovc"
+  c.method = "standard"       # single mode: standard | irs | cached | mvn
+  c.prompt = "a photo of a {}."  # single mode
+  c.num_novel = 3             # ovc mode: templates held out as novel prompts
+  c.split_seed = 0            # ovc mode: seed of the known/novel split
+  c.cache_dir = ""            # empty: WORKDIR/caches
+  c.write_caches = True       # single standard runs leave caches for later prompts
+  c.irs = config_dict.ConfigDict()
+  c.irs.n_p = 2000            # probe draws (IRS: 10% of n at n = 100,000)
+  c.irs.gamma = 0.01          # reuse a known certificate when zeta <= gamma
+  c.irs.alpha_zeta = 0.001    # confidence parameter of zeta
+  c.mvn = config_dict.ConfigDict()
+  c.mvn.delta = 0.02          # margin; calibrated in README "MVN margin"
+  c.mvn.batch_size = 10_000
+  c.cached_batch_size = 10_000
+
+  for variant in filter(None, (arg or "").split(",")):
+    _apply(c, variant.strip())
+  return c
+
+
+def _apply(c: config_dict.ConfigDict, variant: str) -> None:
+  if variant in DATASET_SKIP:
+    c.dataset = variant
+    c.skip = DATASET_SKIP[variant]
+  elif variant in BACKBONES:
+    c.backbone = BACKBONES[variant]
+  elif variant == "quick":
+    c.sigmas = (0.25,)
+    c.n0, c.n, c.irs.n_p = 50, 1000, 500
+    c.skip = 200
+  elif variant == "paper":
+    c.sigmas = (0.12, 0.25, 0.5, 1.0)
+    c.n0, c.n, c.irs.n_p = 100, 100_000, 10_000
+  elif variant in ("ovc", "single"):
+    c.mode = variant
+  elif variant in ("standard", "irs", "cached", "mvn"):
+    c.mode = "single"
+    c.method = variant
+  elif variant == "pixel":
+    c.noise_space = "pixel"
+  else:
+    raise ValueError(f"unknown certify config variant {variant!r}; see "
+                     "experiments/configs/certify.py")
