@@ -52,11 +52,12 @@ DATASET_NAMES = ("cifar10", "imagenet", "folder", "toy")
 # Cohen et al.'s `--skip`: 500 images from each full test set.
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}
 
-# Where `load_dataset(name, None)` looks, relative to the working directory
-# (the experiments run from the repository root; checkpoints/downloads/ is
-# git-ignored). ImageNet and folders have no default: their root is required.
-DEFAULT_ROOTS = {"cifar10": "checkpoints/downloads",
-                 "toy": "checkpoints/toy_world"}
+# Where `load_dataset(name, None)` looks: under the repository's checkpoints/
+# (checkpoints/downloads/ is git-ignored). ImageNet and folders have no
+# default: their root is required.
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_ROOTS = {"cifar10": str(_REPO / "checkpoints" / "downloads"),
+                 "toy": str(_REPO / "checkpoints" / "toy_world")}
 
 # The official archive. MD5 as published on the CIFAR page; SHA-256 and size
 # as pinned by Keras' `cifar10.load_data` (tensorflow/python/keras/datasets).

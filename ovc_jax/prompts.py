@@ -25,8 +25,9 @@ import numpy as np
 
 from ovc_jax.errors import ConfigError
 
-# Datasets with built-in lists. The toy world (ovc_jax/toy_world) borrows
-# CIFAR-10's templates; its class names come from its own batches.meta.
+# Datasets with built-in lists. The toy world (ovc_jax/toy_world) has its own
+# 18 templates (the first ten are CIFAR-10's); its class names come from its
+# batches.meta.
 DATASETS = ("cifar10", "imagenet")
 
 # Templates held out as novel prompts by default (see module docstring).
@@ -38,9 +39,10 @@ _SEPARATORS = (";", ",")
 
 
 def templates_for(dataset: str) -> list[str]:
-  """CLIP's templates for 'cifar10' or 'imagenet' ('toy' uses CIFAR-10's)."""
+  """CLIP's templates for 'cifar10' or 'imagenet'; the toy world's for 'toy'."""
+  from ovc_jax.toy_world import TOY_TEMPLATES  # pylint: disable=g-import-not-at-top
   table = {"cifar10": CIFAR10_TEMPLATES, "imagenet": IMAGENET_TEMPLATES,
-           "toy": CIFAR10_TEMPLATES}
+           "toy": TOY_TEMPLATES}
   if dataset not in table:
     raise ConfigError(f"no built-in templates for dataset {dataset!r}; "
                       f"known: {sorted(table)} (or give a template list)")

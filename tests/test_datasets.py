@@ -330,14 +330,13 @@ def test_toy_split_takes_classes_and_size_from_its_files(tmp_path):
     datasets.load_dataset("toy", root)
 
 
-def test_toy_default_root_is_relative_to_cwd(tmp_path, monkeypatch):
+def test_toy_default_root_is_the_committed_split_from_any_cwd(tmp_path,
+                                                             monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(DataError, match="no toy-world data at checkpoints"):
-    datasets.load_dataset("toy")
-  data, labels = _random_batch(n=3, num_classes=2)
-  _write_cifar_folder(tmp_path / "checkpoints/toy_world/cifar-10-batches-py",
-                      data, labels, names=["a", "b"])
-  assert len(datasets.load_dataset("toy")) == 3
+  toy = datasets.load_dataset("toy")
+  assert len(toy) == 1000 and len(toy.class_names) == 10
+  with pytest.raises(DataError, match="no toy-world data"):
+    datasets.load_dataset("toy", str(tmp_path / "elsewhere"))
 
 
 def test_array_dataset_indexing():

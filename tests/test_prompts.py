@@ -60,7 +60,8 @@ def test_builtin_lists_are_well_formed():
 def test_templates_and_class_names_for():
   assert prompts.templates_for("cifar10") == list(prompts.CIFAR10_TEMPLATES)
   assert prompts.templates_for("imagenet") == list(prompts.IMAGENET_TEMPLATES)
-  assert prompts.templates_for("toy") == list(prompts.CIFAR10_TEMPLATES)
+  from ovc_jax.toy_world import TOY_TEMPLATES
+  assert prompts.templates_for("toy") == list(TOY_TEMPLATES)
   assert prompts.class_names_for("cifar10") == list(prompts.CIFAR10_CLASSES)
   assert prompts.class_names_for("imagenet") == list(prompts.IMAGENET_CLASSES)
   # Copies: callers cannot change the constants.
