@@ -47,12 +47,18 @@ from ovc_jax.classifiers import EmbeddingClassifier
 from ovc_jax.errors import CacheError, ConfigError
 from ovc_jax.models import load_clip
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "certify.py"),
-    "Certify config file (with :variants).", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", os.path.join("workdirs", "certify"),
-    "Where results, caches and the run's config go.")
+_FLAGS = {}
+
+
+def define_flags() -> None:
+  """The entry point's flags; defined only when this module is the program,
+  so that other experiments can import its functions."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(__file__), "configs", "certify.py"),
+      "Certify config file (with :variants).", lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", os.path.join("workdirs", "certify"),
+      "Where results, caches and the run's config go.")
 
 METHODS = ("standard", "irs", "cached", "mvn")
 METHOD_NAMES = {"standard": "standard RS", "irs": "Modified-IRS",
@@ -287,8 +293,7 @@ def certify_novel_prompt(setup: Setup, method: str, prompt: Prompt, x, key,
   return Row(method, prompt, sigma, cert, secs)
 
 
-def certify_known_prompts(setup: Setup, x, key, sigma, idx, prov,
-                          write_caches: bool) -> tuple[list[Row], dict]:
+def certify_known_prompts(setup: Setup, x, key, sigma, idx, prov) -> list[Row]:
   """All known prompts in one pass; fills the input's three caches."""
   c = setup.config
   kw = _certify_kwargs(setup, sigma)
@@ -303,48 +308,48 @@ def certify_known_prompts(setup: Setup, x, key, sigma, idx, prov,
   seconds = time.perf_counter() - start
   rows = [Row("standard", p, sigma, cert, seconds)
           for p, cert in zip(setup.known, certs)]
-  nbytes = {}
-  if write_caches:
-    embeddings = cached_ovc.embeddings_from_draws(draws)
-    fit = mvn_ovc.fit_gaussian(embeddings.estimation)
-    label_dtype = np.int16 if kw["num_classes"] < 2**15 else np.int32
-    sel, est = jax.device_get((draws.selection["predictions"],
-                               draws.estimation["predictions"][:c.irs.n_p]))
-    nbytes["embeddings"] = caches.save_cache(
-        cache_path(setup, sigma, idx, "embeddings"), "embeddings", prov,
-        embeddings._asdict())
-    nbytes["gaussian"] = caches.save_cache(
-        cache_path(setup, sigma, idx, "gaussian"), "gaussian", prov,
-        {"mean": fit.mean, "factor": fit.factor})
-    nbytes["known"] = caches.save_cache(
-        cache_path(setup, sigma, idx, "known"), "known", prov,
-        {"selection_predictions": np.asarray(sel, label_dtype),
-         "estimation_predictions": np.asarray(est, label_dtype),
-         "predictions": np.array([r.cert.prediction for r in rows], np.int32),
-         "p_lower": np.array([r.cert.pA_lower for r in rows])},
-        extra={"templates": [p.template for p in setup.known],
-               "n_p": c.irs.n_p, "alpha": c.alpha})
-  return rows, nbytes
+  label_dtype = np.int16 if kw["num_classes"] < 2**15 else np.int32
+  sel, est = jax.device_get((draws.selection["predictions"],
+                             draws.estimation["predictions"][:c.irs.n_p]))
+  save_embedding_caches(setup, draws, sigma, idx, prov)
+  caches.save_cache(
+      cache_path(setup, sigma, idx, "known"), "known", prov,
+      {"selection_predictions": np.asarray(sel, label_dtype),
+       "estimation_predictions": np.asarray(est, label_dtype),
+       "predictions": np.array([r.cert.prediction for r in rows], np.int32),
+       "p_lower": np.array([r.cert.pA_lower for r in rows])},
+      extra={"templates": [p.template for p in setup.known],
+             "n_p": c.irs.n_p, "alpha": c.alpha})
+  return rows
 
 
-def certify_input(setup: Setup, idx: int) -> tuple[list[Row], dict]:
+def save_embedding_caches(setup: Setup, draws: standard.Draws, sigma, idx,
+                          prov) -> None:
+  """Cached-OVC's embeddings and MVN-OVC's Gaussian fit of one input."""
+  embeddings = cached_ovc.embeddings_from_draws(draws)
+  fit = mvn_ovc.fit_gaussian(embeddings.estimation)
+  caches.save_cache(cache_path(setup, sigma, idx, "embeddings"), "embeddings",
+                    prov, embeddings._asdict())
+  caches.save_cache(cache_path(setup, sigma, idx, "gaussian"), "gaussian",
+                    prov, {"mean": fit.mean, "factor": fit.factor})
+
+
+def certify_input(setup: Setup, idx: int) -> list[Row]:
   """Every row of one dataset input, over all sigmas."""
-  image, label = setup.dataset[idx]
+  image, _ = setup.dataset[idx]
   x = model_input(setup, image)
   key = sampler.input_key(setup.config.seed, idx)
-  rows, nbytes = [], {}
+  rows = []
   for sigma in setup.config.sigmas:
     prov = provenance(setup, sigma, key, image)
     if setup.config.mode == "ovc":
-      known_rows, nbytes = certify_known_prompts(setup, x, key, sigma, idx,
-                                                 prov, write_caches=True)
-      rows += known_rows
+      rows += certify_known_prompts(setup, x, key, sigma, idx, prov)
       for prompt in setup.novel:
         rows += [certify_novel_prompt(setup, m, prompt, x, key, sigma, idx, prov)
                  for m in METHODS]
     else:
       rows.append(certify_single(setup, x, key, sigma, idx, prov))
-  return rows, nbytes
+  return rows
 
 
 def certify_single(setup: Setup, x, key, sigma, idx, prov) -> Row:
@@ -368,12 +373,7 @@ def certify_single(setup: Setup, x, key, sigma, idx, prov) -> Row:
   cert = standard.certificates_from_draws(draws, sigma=float(sigma),
                                           alpha=c.alpha)[0]
   seconds = time.perf_counter() - start
-  embeddings = cached_ovc.embeddings_from_draws(draws)
-  fit = mvn_ovc.fit_gaussian(embeddings.estimation)
-  caches.save_cache(cache_path(setup, sigma, idx, "embeddings"), "embeddings",
-                    prov, embeddings._asdict())
-  caches.save_cache(cache_path(setup, sigma, idx, "gaussian"), "gaussian",
-                    prov, {"mean": fit.mean, "factor": fit.factor})
+  save_embedding_caches(setup, draws, sigma, idx, prov)
   return Row("standard", setup.single, sigma, cert, seconds)
 
 
@@ -393,7 +393,21 @@ def all_tables(setup: Setup) -> dict[str, str]:
   return tables
 
 
-def summarize_run(setup: Setup, cache_bytes: dict) -> dict:
+def cache_bytes(setup: Setup) -> dict[str, dict[str, int]]:
+  """Bytes per input per sigma of each cache kind, read from the first input's."""
+  out = {}
+  for sigma in setup.config.sigmas:
+    entry = {}
+    for kind in ("embeddings", "gaussian", "known"):
+      path = cache_path(setup, sigma, setup.indices[0], kind)
+      if os.path.isdir(path):
+        entry[kind] = sum(os.path.getsize(os.path.join(path, f))
+                          for f in os.listdir(path))
+    out[f"sigma_{sigma:g}"] = entry
+  return out
+
+
+def summarize_run(setup: Setup) -> dict:
   """The JSON summary, computed from the TSVs as written."""
   c = setup.config
   per_table, methods = {}, {}
@@ -441,7 +455,8 @@ def summarize_run(setup: Setup, cache_bytes: dict) -> dict:
       exactness[f"sigma_{sigma:g}"] = all(same)
   return {
       "model": {"name": setup.loaded.name, "fingerprint": setup.loaded.fingerprint,
-                "note": MODEL_NOTE if setup.is_toy else "real CLIP weights"},
+                "note": MODEL_NOTE if setup.is_toy else
+                        f"weights loaded from {setup.config.backbone}"},
       "dataset": c.dataset,
       "inputs": len(setup.indices),
       "split": {"known": [p.template for p in setup.known],
@@ -450,7 +465,7 @@ def summarize_run(setup: Setup, cache_bytes: dict) -> dict:
       "methods": aggregate,
       "tables": per_table,
       "cached_identical_to_standard": exactness,
-      "cache_bytes_per_input_per_sigma": cache_bytes,
+      "cache_bytes_per_input_per_sigma": cache_bytes(setup),
       "notes": {"mvn": mvn_ovc.APPROXIMATE_NOTE,
                 "time": "seconds per input exclude compilation (a warm-up "
                         "input is certified first and not recorded)"},
@@ -488,39 +503,43 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
   w(f"results: {setup.workdir}/summary.json and {setup.workdir}/tsv/\n")
 
 
+def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
+  """Certifies the configured inputs (resuming), then summarises the run."""
+  setup = build_setup(config, workdir)
+  if setup.is_toy:
+    stream.write(f"note: {MODEL_NOTE}\n")
+  journal = common.ResumableRun(workdir, config.to_dict())
+  tables = all_tables(setup)
+  journal.prepare(tables)
+  todo = journal.remaining(setup.indices)
+  # Compile every shape on the first input before timing anything.
+  if todo:
+    stream.write("warming up (compiling) on the first input...\n")
+    certify_input(setup, setup.indices[0])
+  progress = common.Progress(len(setup.indices), "inputs", stream=stream,
+                             already_done=len(setup.indices) - len(todo))
+  for idx in todo:
+    rows = certify_input(setup, idx)
+    label = int(setup.dataset.labels[idx])
+    journal.commit(idx, {
+        tsv_path(setup, r.method, r.prompt, r.sigma):
+            (tables[tsv_path(setup, r.method, r.prompt, r.sigma)],
+             r.line(idx, label, config.alpha)) for r in rows})
+    progress.update(note=f"input {idx}")
+  summary = summarize_run(setup)
+  summary["config"] = config.to_dict()
+  common.write_json(os.path.join(workdir, "summary.json"), summary)
+  return setup, summary
+
+
 @common.exit_on_user_error
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
-  setup = build_setup(config, workdir)
-  if setup.is_toy:
-    sys.stderr.write(f"note: {MODEL_NOTE}\n")
-  run = common.ResumableRun(workdir, config.to_dict())
-  tables = all_tables(setup)
-  run.prepare(tables)
-  todo = run.remaining(setup.indices)
-  # Compile every shape on the first input before timing anything.
-  if todo:
-    sys.stderr.write("warming up (compiling) on the first input...\n")
-    certify_input(setup, setup.indices[0])
-  progress = common.Progress(len(setup.indices), "inputs",
-                             already_done=len(setup.indices) - len(todo))
-  cache_bytes = {}
-  for idx in todo:
-    rows, nbytes = certify_input(setup, idx)
-    cache_bytes = nbytes or cache_bytes
-    _, label = setup.dataset[idx]
-    run.commit(idx, {tsv_path(setup, r.method, r.prompt, r.sigma):
-                     (tables[tsv_path(setup, r.method, r.prompt, r.sigma)],
-                      r.line(idx, int(label), config.alpha)) for r in rows})
-    progress.update(note=f"input {idx}")
-  summary = summarize_run(setup, cache_bytes)
-  summary["config"] = config.to_dict()
-  common.write_json(os.path.join(workdir, "summary.json"), summary)
+  setup, summary = run(_FLAGS["config"].value, _FLAGS["workdir"].value)
   print_report(setup, summary)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -16,6 +17,9 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from ovc_jax.errors import ConfigError, OVCError
+
+# JAX logs at INFO that it found no TPU on every start; not news to a user.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:

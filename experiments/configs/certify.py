@@ -97,5 +97,6 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
   elif variant == "pixel":
     c.noise_space = "pixel"
   else:
-    raise ValueError(f"unknown certify config variant {variant!r}; see "
-                     "experiments/configs/certify.py")
+    # SystemExit, not ValueError: ml_collections would print a traceback.
+    raise SystemExit(f"error: unknown certify config variant {variant!r}; "
+                     "see experiments/configs/certify.py")

@@ -1,0 +1,53 @@
+"""Configs of the paper's experiments (section 6 of ALGORITHMS.md).
+
+  python -m experiments.paper --workdir=workdirs/paper                         # embedded default, CPU
+  python -m experiments.paper --workdir=DIR \
+      --config=experiments/configs/paper.py:cifar10,paper --config.backbones=vit_b32,rn50,openclip_vit_b32
+
+Variants: datasets toy | cifar10 | imagenet; scale ci (tiny, for tests) |
+paper (n = 100,000, Cohen's subsampling, sigma in {0.12, 0.25, 0.5, 1.0}).
+Backbones are names of experiments/configs/certify.py's BACKBONES.
+"""
+
+from ml_collections import config_dict
+
+from experiments.configs import certify as certify_configs
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.backbones = ("toy",)
+  c.dataset = "toy"
+  c.data_dir = ""
+  c.noise_spaces = ("normalized", "pixel")
+  c.sigmas = (0.12, 0.25, 0.5)
+  c.n0 = 100
+  c.n = 4000
+  c.n_p = 2000
+  c.gamma = 0.01
+  c.alpha = 0.001
+  c.batch_size = 1000
+  c.skip = 100     # 10 toy-world test images
+  c.max = -1
+  c.num_novel = 3
+  c.seed = 0
+  c.mvn_delta = 0.02
+  c.dtype = "float32"
+  for variant in filter(None, (arg or "").split(",")):
+    variant = variant.strip()
+    if variant in certify_configs.DATASET_SKIP:
+      c.dataset = variant
+      c.skip = certify_configs.DATASET_SKIP[variant]
+    elif variant == "ci":
+      c.sigmas = (0.25, 0.5)
+      c.n0, c.n, c.n_p, c.batch_size = 50, 600, 300, 200
+      c.gamma = 0.05
+      c.skip, c.max = 500, -1
+    elif variant == "paper":
+      c.sigmas = (0.12, 0.25, 0.5, 1.0)
+      c.n0, c.n, c.n_p = 100, 100_000, 10_000
+    else:
+      # SystemExit, not ValueError: ml_collections would print a traceback.
+      raise SystemExit(f"error: unknown paper config variant {variant!r}; "
+                       "see experiments/configs/paper.py")
+  return c
