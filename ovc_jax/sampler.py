@@ -95,12 +95,14 @@ def check_input(x: Any, expected_shape: Sequence[int] | None = None) -> np.ndarr
   return arr
 
 
-def _chunk_size(batch_size: int, mesh: Mesh | None) -> int:
-  """The chunk size: batch_size, rounded up to a multiple of the mesh size."""
+def _chunk_size(batch_size: int, num_samples: int, mesh: Mesh | None) -> int:
+  """Samples per chunk: batch_size (no more than needed), rounded up to a
+  multiple of the mesh size."""
+  chunk = min(batch_size, num_samples)
   if mesh is None:
-    return batch_size
+    return chunk
   devices = mesh.devices.size
-  return math.ceil(batch_size / devices) * devices
+  return math.ceil(chunk / devices) * devices
 
 
 @functools.partial(
@@ -109,7 +111,7 @@ def _chunk_size(batch_size: int, mesh: Mesh | None) -> int:
                      "outputs", "mesh"))
 def _sample(apply_fn, params, x, key, sigma, first_index, *, num_samples,
             batch_size, num_classes, outputs, mesh):
-  chunk = _chunk_size(batch_size, mesh)
+  chunk = _chunk_size(batch_size, num_samples, mesh)
   num_chunks = math.ceil(num_samples / chunk)
 
   def evaluate_chunk(counts, c):
