@@ -47,6 +47,8 @@ from ovc_jax import preprocessing
 from ovc_jax import toy_world
 from ovc_jax.errors import ConfigError
 from ovc_jax.models import CLIPConfig, ClipModel, TextConfig, VisionConfig
+from ovc_jax.models import save_hf_checkpoint
+from ovc_jax.models.config import config_to_hf
 from ovc_jax.toy_world import captions as captions_lib
 from ovc_jax.toy_world import training
 
@@ -355,24 +357,6 @@ def _ensemble(class_embeddings: np.ndarray) -> np.ndarray:
 # Export
 
 
-def preprocessor_config(image_size: int) -> dict[str, Any]:
-  """transformers' CLIPImageProcessor config for `image_size` inputs."""
-  return {
-      "image_processor_type": "CLIPImageProcessor",
-      "do_resize": True,
-      "size": {"shortest_edge": image_size},
-      "resample": 3,  # bicubic
-      "do_center_crop": True,
-      "crop_size": {"height": image_size, "width": image_size},
-      "do_rescale": True,
-      "rescale_factor": 1 / 255,
-      "do_normalize": True,
-      "image_mean": list(preprocessing.CLIP_MEAN),
-      "image_std": list(preprocessing.CLIP_STD),
-      "do_convert_rgb": True,
-  }
-
-
 def machine_description() -> dict[str, Any]:
   return {
       "platform": platform.platform(),
@@ -386,16 +370,22 @@ def machine_description() -> dict[str, Any]:
 
 def export(directory: str, model: ClipModel, params: Any, tokenizer,
            record: Mapping[str, Any]) -> None:
-  """Writes the model in the Hugging Face CLIP layout, plus the record."""
-  from ovc_jax.models import save_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  save_hf_checkpoint(directory, model.config, jax.device_get(params),
-                     bos_token_id=training.SOT_ID,
-                     pad_token_id=training.PAD_ID)
+  """Writes the model in the Hugging Face CLIP layout, plus the record.
+
+  `save_hf_checkpoint` writes the weights, config.json and
+  preprocessor_config.json; config.json is then rewritten with the word-level
+  tokenizer's <sot> and <pad> ids (the exporter knows only CLIP's BPE
+  names), and the tokenizer files are written beside it.
+  """
+  spec = preprocessing.PreprocessSpec(image_size=model.image_size,
+                                      resize_size=model.image_size)
+  save_hf_checkpoint((model, jax.device_get(params)), directory,
+                     preprocess=spec)
+  common.write_json(os.path.join(directory, "config.json"), config_to_hf(
+      model.config, bos_token_id=training.SOT_ID,
+      pad_token_id=training.PAD_ID))
   for name, text in training.tokenizer_files(tokenizer).items():
     common.atomic_write_text(os.path.join(directory, name), text)
-  common.write_json(os.path.join(directory, "preprocessor_config.json"),
-                    preprocessor_config(model.image_size))
   common.write_json(os.path.join(directory, RECORD_NAME), record)
 
 
