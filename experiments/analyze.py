@@ -27,13 +27,23 @@ from experiments import common
 from ovc_jax import results
 from ovc_jax.errors import ConfigError, DataError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A certify run's workdir.")
-_TSV = flags.DEFINE_list("tsv", [], "Cohen-format TSV files (instead of --workdir).")
-_LABELS = flags.DEFINE_list("labels", [], "Legend labels for --tsv files.")
-_BY = flags.DEFINE_enum("by", "method", ["method", "sigma"],
-                        "One curve per method (and sigma), or per sigma (and method).")
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/certified_accuracy.png).")
-_MAX_RADIUS = flags.DEFINE_float("max_radius", None, "Right end of the radius axis.")
+_FLAGS = {}
+
+
+def define_flags() -> None:
+  """The entry point's flags; defined only when this module is the program,
+  so that other experiments (certify draws its own curves) can import it."""
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "A certify run's workdir.")
+  _FLAGS["tsv"] = flags.DEFINE_list("tsv", [], "Cohen-format TSV files (instead of --workdir).")
+  _FLAGS["labels"] = flags.DEFINE_list("labels", [], "Legend labels for --tsv files.")
+  _FLAGS["by"] = flags.DEFINE_enum(
+      "by", "method", ["method", "sigma"],
+      "One curve per method (and sigma), or per sigma (and method).")
+  _FLAGS["out"] = flags.DEFINE_string(
+      "out", None, "PNG path (default: WORKDIR/certified_accuracy.png).")
+  _FLAGS["max_radius"] = flags.DEFINE_float(
+      "max_radius", None, "Right end of the radius axis.")
+
 
 METHOD_LABELS = {"standard": "standard RS", "irs": "Modified-IRS",
                  "cached": "Cached-OVC", "mvn": "MVN-OVC (approximate)"}
@@ -45,8 +55,11 @@ def curve(columns, radii: np.ndarray) -> np.ndarray:
   return np.array([np.mean(correct & (columns["radius"] >= r)) for r in radii])
 
 
-def workdir_groups(workdir: str) -> dict[str, list[str]]:
-  """{group label: [tsv paths]} of a certify workdir's tsv/ tree."""
+def workdir_groups(workdir: str, by: str = "method") -> dict[str, list[str]]:
+  """{group label: [tsv paths]} of a certify workdir's tsv/ tree.
+
+  `by`: 'method' labels curves "method, sigma", 'sigma' "sigma, method".
+  """
   root = os.path.join(workdir, "tsv")
   paths = results.list_tsvs(root)
   if not paths:
@@ -56,7 +69,7 @@ def workdir_groups(workdir: str) -> dict[str, list[str]]:
     method, sigma_dir, name = os.path.relpath(path, root).split(os.sep)[-3:]
     role = name.split("-", 1)[0].rstrip("0123456789")
     sigma = sigma_dir.replace("sigma_", "")
-    label = (f"{METHOD_LABELS.get(method, method)}, σ={sigma}" if _BY.value == "method"
+    label = (f"{METHOD_LABELS.get(method, method)}, σ={sigma}" if by == "method"
              else f"σ={sigma}, {METHOD_LABELS.get(method, method)}")
     groups[f"{label} ({role} prompts)"].append(path)
   return dict(sorted(groups.items()))
@@ -74,23 +87,23 @@ def axis_label(workdir: str | None) -> str:
   return f"L2 radius ({space})"
 
 
-@common.exit_on_user_error
-def main(argv) -> None:
-  del argv
-  if bool(_WORKDIR.value) == bool(_TSV.value):
-    raise ConfigError("give either --workdir or --tsv")
-  if _TSV.value:
-    labels = _LABELS.value or [os.path.basename(p) for p in _TSV.value]
-    if len(labels) != len(_TSV.value):
-      raise ConfigError("--labels needs one label per --tsv file")
-    groups = {label: [p] for label, p in zip(labels, _TSV.value)}
-  else:
-    groups = workdir_groups(_WORKDIR.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value or ".", "certified_accuracy.png")
+def draw(groups: dict[str, list[str]], out: str, *, x_label: str,
+         max_radius: float | None = None, stream=sys.stdout) -> list[tuple]:
+  """Draws certified accuracy against radius to `out` and prints the table.
 
+  Args:
+    groups: {curve label: [TSV paths]}; a curve averages its files.
+    out: the PNG path.
+    x_label: the radius axis label (says which space the radius is in).
+    max_radius: right end of the radius axis (default: the largest radius).
+    stream: where the table goes.
+
+  Returns:
+    [(label, number of inputs, [certified accuracy at each table radius])].
+  """
   loaded = {label: [results.read_tsv(p) for p in paths]
             for label, paths in groups.items()}
-  top = _MAX_RADIUS.value or max(
+  top = max_radius or max(
       [float(c["radius"].max()) for cols in loaded.values() for c in cols] + [0.5])
   grid = np.linspace(0.0, top * 1.05, 200)
   fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
@@ -103,7 +116,7 @@ def main(argv) -> None:
     rows.append((label, len(columns[0]["radius"]), [
         float(np.mean([curve(c, np.array([r]))[0] for c in columns]))
         for r in table_radii]))
-  ax.set_xlabel(axis_label(_WORKDIR.value))
+  ax.set_xlabel(x_label)
   ax.set_ylabel("certified accuracy")
   ax.set_ylim(0, 1.02)
   ax.set_xlim(0, grid[-1])
@@ -112,17 +125,41 @@ def main(argv) -> None:
   ax.set_title("Certified accuracy against L2 radius")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out)
+  # Through a temporary name, so a killed run leaves no half-written PNG.
+  tmp = out + ".tmp.png"
+  fig.savefig(tmp)
   plt.close(fig)
+  os.replace(tmp, out)
 
   width = max(len(label) for label, _, _ in rows)
-  sys.stdout.write(f"{'curve':{width}} {'inputs':>6} "
-                   + " ".join(f"r>={r:<5g}" for r in table_radii) + "\n")
+  stream.write(f"{'curve':{width}} {'inputs':>6} "
+               + " ".join(f"r>={r:<5g}" for r in table_radii) + "\n")
   for label, n, accs in rows:
-    sys.stdout.write(f"{label:{width}} {n:6d} "
-                     + " ".join(f"{a:8.3f}" for a in accs) + "\n")
-  sys.stdout.write(f"figure: {out}\n")
+    stream.write(f"{label:{width}} {n:6d} "
+                 + " ".join(f"{a:8.3f}" for a in accs) + "\n")
+  stream.write(f"figure: {out}\n")
+  return rows
+
+
+@common.exit_on_user_error
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir, tsvs = _FLAGS["workdir"].value, _FLAGS["tsv"].value
+  if bool(workdir) == bool(tsvs):
+    raise ConfigError("give either --workdir or --tsv")
+  if tsvs:
+    labels = _FLAGS["labels"].value or [os.path.basename(p) for p in tsvs]
+    if len(labels) != len(tsvs):
+      raise ConfigError("--labels needs one label per --tsv file")
+    groups = {label: [p] for label, p in zip(labels, tsvs)}
+  else:
+    groups = workdir_groups(workdir, _FLAGS["by"].value)
+  out = _FLAGS["out"].value or os.path.join(workdir or ".", "certified_accuracy.png")
+  draw(groups, out, x_label=axis_label(workdir),
+       max_radius=_FLAGS["max_radius"].value)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

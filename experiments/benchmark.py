@@ -369,6 +369,40 @@ def print_table(report: dict, stream=sys.stdout) -> None:
       f"measured {check['measured']:.4g}\n")
 
 
+def draw_speedups(report: dict, out: str) -> None:
+  """Bar chart: speedup of each certifier over standard RS, per architecture
+  and class count (log scale), measured in this run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  methods = (("speedup_irs", "Modified-IRS"), ("speedup_cached", "Cached-OVC"),
+             ("speedup_mvn", "MVN-OVC (approximate)"))
+  groups = [(f"{arch}\n{classes} classes", row)
+            for arch, entry in report["architectures"].items()
+            for classes, row in entry["classes"].items()]
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2), dpi=120)
+  width = 0.8 / len(methods)
+  for j, (field, label) in enumerate(methods):
+    xs = [i + (j - 1) * width for i in range(len(groups))]
+    ys = [row[field] for _, row in groups]
+    ax.bar(xs, ys, width, label=label)
+    for x, y in zip(xs, ys):
+      ax.text(x, y, f"{y:.3g}x", ha="center", va="bottom", fontsize=6)
+  ax.set_xticks(range(len(groups)), [g for g, _ in groups], fontsize=7)
+  ax.set_yscale("log")
+  ax.axhline(1.0, color="grey", linewidth=0.8)
+  ax.set_ylabel("speedup over standard RS (x, log scale)")
+  ax.set_title(f"Seconds per input for a new prompt, relative to standard RS\n"
+               f"({report['device']}; n0={report['n0']}, n={report['n']})",
+               fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  tmp = out + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, out)
+
+
 @common.exit_on_user_error
 def main(argv) -> None:
   del argv
@@ -423,8 +457,10 @@ def main(argv) -> None:
     common.write_json(os.path.join(workdir, "benchmark.json"), report)
   report["targets"] = check_targets(report)
   common.write_json(os.path.join(workdir, "benchmark.json"), report)
+  draw_speedups(report, os.path.join(workdir, "speedup.png"))
   print_table(report)
-  sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')}\n")
+  sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')} and "
+                   f"{os.path.join(workdir, 'speedup.png')}\n")
 
 
 if __name__ == "__main__":

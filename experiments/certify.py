@@ -18,6 +18,7 @@ with the same flags, it resumes and finishes with the same rows.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import analyze
 from experiments import common
 from ovc_jax import caches
 from ovc_jax import datasets
@@ -500,7 +502,8 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
     w(f"\nCached-OVC identical to standard RS: "
       f"{summary['cached_identical_to_standard']}\n")
     w(f"{mvn_ovc.APPROXIMATE_NOTE} (margin delta = {c.mvn.delta})\n")
-  w(f"results: {setup.workdir}/summary.json and {setup.workdir}/tsv/\n")
+  w(f"results: {setup.workdir}/summary.json, {setup.workdir}/tsv/ and "
+    f"{summary['figure']}\n")
 
 
 def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
@@ -528,6 +531,11 @@ def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
     progress.update(note=f"input {idx}")
   summary = summarize_run(setup)
   summary["config"] = config.to_dict()
+  # The curves of every (method, sigma, known/novel) group; the table is
+  # print_report's, so analyze's copy of it is dropped.
+  summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
+  analyze.draw(analyze.workdir_groups(workdir), summary["figure"],
+               x_label=analyze.axis_label(workdir), stream=io.StringIO())
   common.write_json(os.path.join(workdir, "summary.json"), summary)
   return setup, summary
 

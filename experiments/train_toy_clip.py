@@ -186,12 +186,15 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
 
   manager = _checkpoint_manager(workdir, config.keep_checkpoints)
   resumed_from, train_seconds = manager.latest_step(), 0.0
+  final_metrics = {}
   if resumed_from is not None:
     restored = manager.restore(resumed_from, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(jax.tree.map(
             ocp.utils.to_shape_dtype_struct, state)),
         meta=ocp.args.JsonRestore()))
     state, train_seconds = restored.state, restored.meta["train_seconds"]
+    # Checkpoints before this field existed lack it.
+    final_metrics = restored.meta.get("final_metrics", {})
     log(f"resumed from the checkpoint at step {resumed_from} in {workdir}")
 
   step_fn = jax.jit(
@@ -202,13 +205,14 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
   start = int(state.step)
   progress = common.Progress(config.num_steps, "steps", stream=_LogStream(log),
                              already_done=start)
-  history, session_start, final_metrics = [], time.perf_counter(), {}
+  history, session_start = [], time.perf_counter()
 
   def save(step: int) -> None:
     elapsed = train_seconds + time.perf_counter() - session_start
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"train_seconds": elapsed})))
+        meta=ocp.args.JsonSave({"train_seconds": elapsed,
+                                "final_metrics": final_metrics})))
 
   for step in range(start, end):
     batch = make_batch(tokenizer, config.seed, step, config.batch_size)

@@ -1,0 +1,224 @@
+"""The experiments, end to end on the embedded default (the toy-world CLIP).
+
+Each command runs as a user runs it, in a subprocess, in CI-sized settings.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ovc_jax import results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+           PYTHONUNBUFFERED="1")
+
+# A CI-sized ovc-mode run: 3 toy test images, one sigma, small n.
+TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
+        "--config.irs.n_p=200", "--config.irs.gamma=0.05",
+        "--config.batch_size=200", "--config.num_novel=2"]
+
+
+def run(module, *args, check=True, timeout=600):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def tsv_rows_without_time(workdir):
+  """{relative path: rows with the time column removed} of a run's TSVs."""
+  out = {}
+  for path in results.list_tsvs(os.path.join(workdir, "tsv")):
+    with open(path) as f:
+      lines = f.read().splitlines()
+    time_col = lines[0].split("\t").index("time")
+    out[os.path.relpath(path, workdir)] = [
+        [v for j, v in enumerate(line.split("\t")) if j != time_col]
+        for line in lines]
+  return out
+
+
+@pytest.fixture(scope="module")
+def certify_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("certify"))
+  proc = run("experiments.certify", f"--workdir={workdir}", *TINY)
+  return workdir, proc
+
+
+def test_certify_reports_every_method(certify_run):
+  workdir, proc = certify_run
+  for name in ("standard RS", "Modified-IRS", "Cached-OVC", "MVN-OVC (approximate)"):
+    assert name in proc.stdout
+  assert "toy-world CLIP" in proc.stderr + proc.stdout
+  assert "ETA" in proc.stderr
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["inputs"] == 3
+  # The main job draws its curves too.
+  assert summary["figure"] == os.path.join(workdir, "certified_accuracy.png")
+  assert os.path.getsize(summary["figure"]) > 10_000
+  assert summary["cached_identical_to_standard"] == {"sigma_0.25": True}
+  for method in ("standard", "irs", "cached", "mvn"):
+    entry = summary["methods"][f"novel/{method}/sigma_0.25"]
+    assert entry["seconds_per_input"] > 0
+    assert entry["speedup_over_standard"] > 0
+  # MVN rows say they are approximate.
+  mvn = results.list_tsvs(os.path.join(workdir, "tsv", "mvn"))
+  assert mvn and all(results.read_tsv(p)["approximate"].all() for p in mvn)
+
+
+def test_summary_equals_a_cohen_style_computation_on_the_tsvs(certify_run):
+  workdir, _ = certify_run
+  with open(os.path.join(workdir, "summary.json")) as f:
+    tables = json.load(f)["tables"]
+  assert tables
+  for rel, summary in tables.items():
+    with open(os.path.join(workdir, rel)) as f:
+      lines = f.read().splitlines()
+    head = lines[0].split("\t")
+    rows = [dict(zip(head, line.split("\t"))) for line in lines[1:]]
+    # Cohen's analyze.py: (df["correct"] & (df["radius"] >= r)).mean()
+    for r, value in summary["certified_accuracy"].items():
+      expected = np.mean([int(row["correct"]) == 1 and float(row["radius"]) >= float(r)
+                          for row in rows])
+      assert value == pytest.approx(expected), (rel, r)
+    assert summary["abstention_rate"] == pytest.approx(
+        np.mean([row["predict"] == "-1" for row in rows]))
+
+
+def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
+  reference, _ = certify_run
+  workdir = str(tmp_path / "killed")
+  done = os.path.join(workdir, "done.txt")
+  for _ in range(2):  # kill -9 twice, at different points
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.certify", f"--workdir={workdir}", *TINY],
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before = open(done).read().count("\n") if os.path.exists(done) else 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(done) and open(done).read().count("\n") > before:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  run("experiments.certify", f"--workdir={workdir}", *TINY)
+  assert tsv_rows_without_time(workdir) == tsv_rows_without_time(reference)
+
+
+def test_analyze_draws_and_tabulates(certify_run):
+  workdir, _ = certify_run
+  proc = run("experiments.analyze", f"--workdir={workdir}")
+  assert os.path.getsize(os.path.join(workdir, "certified_accuracy.png")) > 10_000
+  assert "Cached-OVC" in proc.stdout and "r>=0" in proc.stdout
+
+
+def test_calibrate_mvn(certify_run):
+  workdir, _ = certify_run
+  proc = run("experiments.calibrate_mvn", f"--certify_workdir={workdir}")
+  with open(os.path.join(workdir, "calibration.json")) as f:
+    report = json.load(f)
+  assert report["overall"]["pairs"] == 3 * 18  # inputs x (known + novel) prompts
+  assert report["recommended_delta"] >= report["overall"]["delta"]
+  assert "approximate" in proc.stdout
+  assert os.path.exists(os.path.join(workdir, "mvn_vs_exact.png"))
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.sigmas=0.0,", "sigma must be"),
+    ("--config.sigmas=-0.5,", "sigma must be"),
+    ("--config.n0=0", "n0"),
+    ("--config.n=0", "n (estimation draws)"),
+    ("--config.alpha=1.5", "alpha"),
+    ("--config.batch_size=0", "batch size"),
+    ("--config.irs.gamma=1.0", "gamma"),
+    ("--config.mvn.delta=-0.1", "margin delta"),
+    ("--config.irs.n_p=100000", "cannot exceed n"),
+    ("--config.backbone=/nonexistent/model", "unknown model"),
+    ("--config.dataset=mnist", "mnist"),
+])
+def test_bad_flags_fail_cleanly_and_write_nothing(tmp_path, flag, message):
+  workdir = tmp_path / "w"
+  proc = run("experiments.certify", f"--workdir={workdir}", *TINY, flag,
+             check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_a_workdir_of_another_configuration_is_refused(certify_run):
+  workdir, _ = certify_run
+  before = tsv_rows_without_time(workdir)
+  proc = run("experiments.certify", f"--workdir={workdir}", *TINY,
+             "--config.seed=1", check=False)
+  assert proc.returncode != 0
+  assert "different configuration (seed" in proc.stderr
+  assert tsv_rows_without_time(workdir) == before
+
+
+def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
+  workdir = str(tmp_path / "paper")
+  run("experiments.paper", "--config=experiments/configs/paper.py:ci",
+      f"--workdir={workdir}")
+  with open(os.path.join(workdir, "paper.json")) as f:
+    report = json.load(f)
+  for name in ("certified_accuracy_toy", "irs_applied_vs_sigma", "agreement_toy",
+               "similarity_vs_pA_toy", "cached_vs_standard", "mvn_vs_exact",
+               "speedup", "speedup_vs_embedding_time"):
+    assert os.path.getsize(os.path.join(workdir, "figures", name + ".png")) > 10_000
+  for name in ("certified_accuracy", "irs_speedup", "memory_speedup", "mvn_calibration"):
+    for ext in (".csv", ".md"):
+      assert os.path.exists(os.path.join(workdir, "tables", name + ext))
+  assert report["cached_vs_standard"]["all_equal"]
+  # The certified-accuracy table is the mean over known prompts of the TSVs'.
+  run_dir = os.path.join(workdir, "runs", "toy", "normalized")
+  for row in report["certified_accuracy"]:
+    if row["noise_space"] != "normalized":
+      continue
+    paths = results.list_tsvs(os.path.join(run_dir, "tsv", "standard",
+                                           f"sigma_{row['sigma']:g}"))
+    known = [p for p in paths if os.path.basename(p).startswith("known")]
+    expected = np.mean([results.summarize_tsv(p)["certified_accuracy"]["0.5"]
+                        for p in known])
+    assert row["r>=0.5"] == pytest.approx(expected)
+  # IRS applied fractions are those of the IRS TSVs.
+  for row in report["irs"]:
+    run_dir = os.path.join(workdir, "runs", "toy", row["noise_space"])
+    paths = results.list_tsvs(os.path.join(run_dir, "tsv", "irs",
+                                           f"sigma_{row['sigma']:g}"))
+    expected = np.mean([results.read_tsv(p)["irs_applied"].mean() for p in paths])
+    assert row["irs_applied_fraction"] == pytest.approx(expected)
+
+
+def test_benchmark_writes_every_field(tmp_path):
+  workdir = str(tmp_path / "bench")
+  proc = run("experiments.benchmark", f"--workdir={workdir}",
+             "--config.architectures=('toy',)", "--config.n=200",
+             "--config.repeats=1", "--config.encoder_repeats=1")
+  with open(os.path.join(workdir, "benchmark.json")) as f:
+    report = json.load(f)
+  for field in ("device", "jax_version", "n", "batch_size"):
+    assert field in report
+  toy = report["architectures"]["toy"]
+  for field in ("encoder_images_per_s", "peer_encoder_images_per_s",
+                "flops_per_image", "achieved_flops_per_s", "compile_s_cold",
+                "compile_s_warm"):
+    assert toy[field] is not None and toy[field] > 0, field
+  for classes in ("10", "1000"):
+    row = toy["classes"][classes]
+    for field in ("standard_rs_s", "irs_s", "cached_ovc_s", "mvn_ovc_s",
+                  "speedup_cached", "speedup_mvn", "speedup_irs",
+                  "cache_bytes_cached", "cache_bytes_mvn", "sampler_overhead"):
+      assert row[field] > 0, (classes, field)
+    assert row["cached_identical_to_standard"]
+  assert "speedup_cached" in proc.stdout
+  assert os.path.getsize(os.path.join(workdir, "speedup.png")) > 10_000
