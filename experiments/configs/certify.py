@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.irs.gamma = 0.01          # reuse a known certificate when zeta <= gamma
   c.irs.alpha_zeta = 0.001    # confidence parameter of zeta
   c.mvn = config_dict.ConfigDict()
-  c.mvn.delta = 0.02          # margin; calibrated in README "MVN margin"
+  c.mvn.delta = 0.025         # margin; calibrated, see README "MVN-OVC's margin"
   c.mvn.batch_size = 10_000
   c.cached_batch_size = 10_000
 
