@@ -154,10 +154,15 @@ def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 # Training
 
 
-def make_batch(tokenizer, seed: int, step: int,
-               batch_size: int) -> training.Batch:
+def make_batch(tokenizer, seed: int, step: int, batch_size: int,
+               template_fraction: float = 0.0) -> training.Batch:
   """Training batch `step` of run `seed` (a pure function of both)."""
-  images, texts, _, _ = toy_world.sample_batch((seed, step), batch_size)
+  images, texts, labels, attributes = toy_world.sample_batch((seed, step),
+                                                             batch_size)
+  if template_fraction:
+    texts = training.with_template_captions(
+        np.random.default_rng((seed, step, 1)), texts, labels, attributes,
+        template_fraction)
   return training.Batch(images, training.tokenize(tokenizer, texts),
                         training.unique_ids(texts))
 
@@ -215,7 +220,8 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
                                 "final_metrics": final_metrics})))
 
   for step in range(start, end):
-    batch = make_batch(tokenizer, config.seed, step, config.batch_size)
+    batch = make_batch(tokenizer, config.seed, step, config.batch_size,
+                       config.get("template_caption_fraction", 0.0))
     # Device work is dispatched asynchronously: the next batch is drawn on
     # the host while this step runs; metrics are fetched once per window.
     state, metrics = step_fn(state, batch, jax.random.fold_in(noise_key, step))

@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Noise augmentation in CLIP-normalised space: each image's sigma is drawn
   # from these (0: clean), covering the sigmas it is certified at.
   c.noise_sigmas = (0.0, 0.12, 0.25, 0.5)
+  # Share of captions replaced by a zero-shot template true of the image
+  # (training.with_template_captions: makes the loss ask for the shape).
+  c.template_caption_fraction = 0.0
 
   # Bookkeeping.
   c.log_every = 50

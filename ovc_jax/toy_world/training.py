@@ -44,6 +44,7 @@ from ovc_jax import sampler
 from ovc_jax.certifiers import standard
 from ovc_jax.errors import ConfigError
 from ovc_jax.models import ClipModel
+from ovc_jax.toy_world import captions as captions_lib
 
 Params = Any
 
@@ -138,6 +139,42 @@ def tokenizer_files(tokenizer: tokenizers.Tokenizer) -> dict[str, str]:
       "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
       "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
   }
+
+
+def with_template_captions(rng: np.random.Generator, texts: Sequence[str],
+                           labels: np.ndarray,
+                           attributes: Mapping[str, np.ndarray],
+                           fraction: float) -> list[str]:
+  """Replaces a `fraction` of captions by a zero-shot template true of the image.
+
+  Why: free captions name colour, size, style and background, and in a batch
+  of 256 those alone tell most captions apart, so the contrastive loss barely
+  asks for the shape, which is the class. A template caption ("a photo of a
+  star.") is shared by many images of a batch and differs between them only
+  in the class word, so it asks for the shape; it is also the text the model
+  is later certified with. Only templates true of the image are used
+  (`captions.template_matches`).
+
+  Args:
+    rng: the generator (advanced).
+    texts: the images' free captions.
+    labels: int `[B]` classes.
+    attributes: the batch's attributes ('style', 'size', 'background').
+    fraction: in [0, 1], the expected share of replaced captions.
+
+  Returns:
+    The captions, some replaced.
+  """
+  if not 0.0 <= fraction <= 1.0:
+    raise ConfigError(f"template caption fraction must be in [0, 1]; got {fraction}")
+  matches = captions_lib.template_matches(attributes)  # [B, T]
+  replace = rng.random(len(texts)) < fraction
+  choice = rng.random(matches.shape)  # a random true template per image
+  pick = np.argmax(np.where(matches, choice, -1.0), axis=-1)
+  return [captions_lib.TOY_TEMPLATES[pick[i]].format(
+              captions_lib.TOY_CLASSES[labels[i]])
+          if replace[i] and matches[i].any() else t
+          for i, t in enumerate(texts)]
 
 
 def unique_ids(texts: Sequence[str]) -> np.ndarray:
