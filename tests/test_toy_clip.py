@@ -141,3 +141,30 @@ def test_training_resumes_to_the_same_weights(tmp_path):
   other = _train(tmp_path / "b", tmp_path / "c_export", "--config.seed=1")
   assert other.returncode != 0
   assert "seed" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_template_captions_are_true_of_their_images():
+  from ovc_jax.toy_world import captions as captions_lib
+  from ovc_jax.toy_world import training
+  images, texts, labels, attributes = toy_world.sample_batch((3, 0), 200)
+  del images
+  assert training.with_template_captions(
+      np.random.default_rng(0), texts, labels, attributes, 0.0) == texts
+  replaced = training.with_template_captions(
+      np.random.default_rng(0), texts, labels, attributes, 1.0)
+  matches = captions_lib.template_matches(attributes)
+  for i, caption in enumerate(replaced):
+    if not matches[i].any():
+      assert caption == texts[i]
+      continue
+    templates = [t for t in toy_world.TOY_TEMPLATES
+                 if t.format(toy_world.TOY_CLASSES[labels[i]]) == caption]
+    assert templates, caption
+    assert any(matches[i, toy_world.TOY_TEMPLATES.index(t)] for t in templates)
+  half = training.with_template_captions(
+      np.random.default_rng(0), texts, labels, attributes, 0.5)
+  changed = np.mean([a != b for a, b in zip(half, texts)])
+  assert 0.3 < changed < 0.7
+  with pytest.raises(Exception, match="fraction"):
+    training.with_template_captions(np.random.default_rng(0), texts, labels,
+                                    attributes, 1.5)
