@@ -124,12 +124,7 @@ def draw(groups: dict[str, list[str]], out: str, *, x_label: str,
   ax.legend(fontsize=7, loc="upper right")
   ax.set_title("Certified accuracy against L2 radius")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  # Through a temporary name, so a killed run leaves no half-written PNG.
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, out)
+  common.save_figure(fig, out)
 
   width = max(len(label) for label, _, _ in rows)
   stream.write(f"{'curve':{width}} {'inputs':>6} "

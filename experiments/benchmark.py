@@ -397,10 +397,7 @@ def draw_speedups(report: dict, out: str) -> None:
                fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, out)
+  common.save_figure(fig, out)
 
 
 @common.exit_on_user_error

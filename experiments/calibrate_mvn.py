@@ -99,8 +99,7 @@ def draw(pairs, delta: float, path: str) -> None:
     ax.legend(fontsize=7)
   axes[0].set_ylabel("MVN-OVC radius (approximate)")
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 @common.exit_on_user_error

@@ -98,6 +98,49 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
   return None if a == b else f"{path}: {a!r} in the workdir, {b!r} now"
 
 
+def check_workdir_config(workdir: str, config: Mapping[str, Any],
+                         what: str) -> None:
+  """Records `config` in a new workdir's config.json; refuses another one.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    config: the run's configuration as JSON values.
+    what: what the workdir holds, for the message ("results", "a training
+      run").
+
+  Raises:
+    ConfigError: config.json is corrupted or records a different
+      configuration (the message names the first differing field).
+  """
+  path = os.path.join(workdir, "config.json")
+  config = json.loads(json.dumps(config, sort_keys=True))
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, config)
+    return
+  with open(path) as f:
+    try:
+      previous = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is corrupted: {e}") from e
+  diff = _first_difference(previous, config)
+  if diff:
+    raise ConfigError(
+        f"workdir {workdir} holds {what} of a different configuration "
+        f"({diff}); use another --workdir or the same flags")
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a matplotlib figure to `path` through a temporary file (a killed
+  run leaves no half-written PNG) and closes it."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp)
+  os.replace(tmp, path)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.close(fig)
+
+
 class ResumableRun:
   """Exactly-once result rows in several TSV files, across kills and restarts.
 
@@ -114,23 +157,8 @@ class ResumableRun:
 
   def __init__(self, workdir: str, config: Mapping[str, Any]):
     self.workdir = workdir
-    self._config_path = os.path.join(workdir, "config.json")
     self._done_path = os.path.join(workdir, "done.txt")
-    config = json.loads(json.dumps(config, sort_keys=True))
-    if os.path.exists(self._config_path):
-      with open(self._config_path) as f:
-        try:
-          previous = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ConfigError(f"{self._config_path} is corrupted: {e}") from e
-      diff = _first_difference(previous, config)
-      if diff:
-        raise ConfigError(
-            f"workdir {workdir} holds results of a different configuration "
-            f"({diff}); use another --workdir or the same flags")
-    else:
-      os.makedirs(workdir, exist_ok=True)
-      atomic_write_text(self._config_path, json.dumps(config, indent=1, sort_keys=True))
+    check_workdir_config(workdir, config, "results")
     self.done = self._read_done()
     self._cleaned: set[str] = set()
 

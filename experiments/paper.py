@@ -44,7 +44,6 @@ from experiments import calibrate_mvn
 from experiments import certify
 from experiments import common
 from experiments.configs import certify as certify_configs
-from ovc_jax import caches
 from ovc_jax import results
 from ovc_jax import sampler
 from ovc_jax.certifiers import modified_irs, mvn_ovc
@@ -141,8 +140,7 @@ def certified_accuracy(runs, out: str) -> list[dict]:
       ax.grid(alpha=0.3)
       ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"certified_accuracy_{backbone}.png"))
-    plt.close(fig)
+    common.save_figure(fig, os.path.join(out, f"certified_accuracy_{backbone}.png"))
   return rows
 
 
@@ -175,8 +173,7 @@ def irs_table(runs, out: str) -> list[dict]:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "irs_applied_vs_sigma.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, "irs_applied_vs_sigma.png"))
   return rows
 
 
@@ -231,8 +228,7 @@ def agreement(setup, backbone: str, out: str) -> dict:
     ax.set_title(f"agreement on the n_p draws, σ={sigma:g}", fontsize=9)
     fig.colorbar(im, ax=ax, label="fraction of equal predictions")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"agreement_{backbone}.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, f"agreement_{backbone}.png"))
   fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
   for sigma in sigmas:
     pts = np.array([(s, g) for s, g, sg in points if sg == sigma])
@@ -243,8 +239,7 @@ def agreement(setup, backbone: str, out: str) -> dict:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"similarity_vs_pA_{backbone}.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, f"similarity_vs_pA_{backbone}.png"))
   return {"agreement": matrices,
           "similarity_vs_pA_gap": [list(p) for p in points]}
 
@@ -267,8 +262,7 @@ def cached_vs_standard(runs, out: str) -> dict:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "cached_vs_standard.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, "cached_vs_standard.png"))
   return {"points": int(len(xs)), "all_equal": bool(np.array_equal(xs, ys))}
 
 
@@ -317,8 +311,7 @@ def memory_speedup(runs, out: str) -> list[dict]:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "speedup.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, "speedup.png"))
   fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
   for method in ("cached", "mvn"):
     ax.scatter([r["embedding_time_s"] for r in rows],
@@ -332,8 +325,7 @@ def memory_speedup(runs, out: str) -> list[dict]:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "speedup_vs_embedding_time.png"))
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(out, "speedup_vs_embedding_time.png"))
   return rows
 
 

@@ -109,38 +109,10 @@ def training_fields(config: config_dict.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in d.items() if k not in _NON_TRAINING_FIELDS}
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      diff = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-      if diff:
-        return diff
-    return None
-  return None if a == b else f"{path}: {a!r} in the workdir, {b!r} now"
-
-
 def check_workdir(workdir: str, config: config_dict.ConfigDict) -> None:
-  """Records the config in a new workdir; refuses one started with another.
-
-  Raises:
-    ConfigError: the workdir holds a run of a different training config.
-  """
-  path = os.path.join(workdir, "config.json")
-  fields = training_fields(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        previous = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is corrupted: {e}") from e
-    diff = _first_difference(previous, fields)
-    if diff:
-      raise ConfigError(
-          f"workdir {workdir} holds a training run of a different config "
-          f"({diff}); resume it with the same flags or use another --workdir")
-  else:
-    os.makedirs(workdir, exist_ok=True)
-    common.write_json(path, fields)
+  """Records the training config in a new workdir; refuses one started with
+  another (fields that leave the weights alone may change)."""
+  common.check_workdir_config(workdir, training_fields(config), "a training run")
 
 
 def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -221,7 +193,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
 
   for step in range(start, end):
     batch = make_batch(tokenizer, config.seed, step, config.batch_size,
-                       config.get("template_caption_fraction", 0.0))
+                       config.template_caption_fraction)
     # Device work is dispatched asynchronously: the next batch is drawn on
     # the host while this step runs; metrics are fetched once per window.
     state, metrics = step_fn(state, batch, jax.random.fold_in(noise_key, step))
