@@ -34,11 +34,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       activation="gelu"))
 
   # Training.
-  c.batch_size = 256
-  c.num_steps = 3000
-  c.learning_rate = 2e-3
-  c.end_learning_rate = 2e-5
-  c.warmup_steps = 150
+  # Small batches, many steps: what limits this model is the number of
+  # updates, and on two CPU cores a step of batch 32 costs 21 ms against 54 ms
+  # at batch 64 (the activations stay in cache).
+  c.batch_size = 32
+  c.num_steps = 24000
+  c.learning_rate = 1e-3
+  c.end_learning_rate = 1e-5
+  c.warmup_steps = 300
   c.weight_decay = 0.1
   c.grad_clip_norm = 1.0
   # Noise augmentation in CLIP-normalised space: each image's sigma is drawn
@@ -46,11 +49,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.noise_sigmas = (0.0, 0.12, 0.25, 0.5)
   # Share of captions replaced by a zero-shot template true of the image
   # (training.with_template_captions: makes the loss ask for the shape).
-  c.template_caption_fraction = 0.0
+  c.template_caption_fraction = 0.5
 
   # Bookkeeping.
-  c.log_every = 50
-  c.checkpoint_every = 250
+  c.log_every = 400
+  c.checkpoint_every = 2000
   c.keep_checkpoints = 2
 
   # Final evaluation on the held-out toy test split.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 # Bump when anything changes the pixels or captions a seed produces.
-GENERATOR_VERSION = "toy_world/1"
+GENERATOR_VERSION = "toy_world/2"
 
 IMAGE_SIZE = 32
 
@@ -85,9 +85,12 @@ COLOURLESS_STYLES = (BLACK_AND_WHITE, SKETCH)
 NO_COLOUR = -1
 
 # Size classes and the shape's circumradius in pixels (of a 32-pixel image).
+# Even 'small' shapes span about half the image: at 32 pixels a smaller shape
+# covers one or two 8x8 patches of the image tower, too little to tell its
+# class from.
 SIZES = ("small", "medium", "big")
 SMALL, MEDIUM, BIG = range(len(SIZES))
-SIZE_RADIUS = np.array([[4.5, 7.0], [7.0, 10.0], [10.0, 13.5]], np.float32)
+SIZE_RADIUS = np.array([[7.0, 9.0], [9.0, 11.5], [11.5, 14.0]], np.float32)
 # Words a caption may use for a size; 'medium' is never said.
 SIZE_WORDS = ((SMALL, ("small",)), (BIG, ("big", "large")))
 
@@ -98,6 +101,12 @@ BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "textured",
 PLAIN, GRADIENT, STRIPED, CHECKERED, TEXTURED, PAPER = range(len(BACKGROUNDS))
 PHOTO_BACKGROUNDS = (PLAIN, GRADIENT, STRIPED, CHECKERED, TEXTURED)
 CARTOON_BACKGROUNDS = (PLAIN, GRADIENT)
+
+# Shapes are tilted by up to this angle either way (radians): objects in
+# photos are mostly upright, and a small model trained for minutes on a CPU
+# learns upright shapes far faster than freely rotated ones (in a probe, 67%
+# against 46% accuracy after the same 3200 steps).
+MAX_TILT = np.pi / 6
 
 # Shape-family parameter ranges, in units of the circumradius. Each image
 # draws one number in [0, 1] (`shape_param`) that moves its shape within its

@@ -37,7 +37,8 @@ class Scenes:
     background: int64 `[n]`, index into `catalog.BACKGROUNDS`.
     radius: float32 `[n]`, the shape's circumradius in pixels.
     center: float32 `[n, 2]`, the shape's centre (x right, y down) in pixels.
-    angle: float32 `[n]`, rotation in radians (counter-clockwise).
+    angle: float32 `[n]`, rotation in radians (counter-clockwise), within
+      +-`catalog.MAX_TILT`.
     shape_param: float32 `[n]`, in [0, 1]: variation within the class.
     fg_rgb: float32 `[n, 3]`, the shape's jittered colour.
     bg_rgb: float32 `[n, 2, 3]`, the background pattern's two colours.
@@ -154,7 +155,7 @@ def sample_scenes(rng: np.random.Generator, n: int,
   margin = 0.85 * radius
   center = (margin[:, None] + (cat.IMAGE_SIZE - 2 * margin[:, None])
             * rng.random((n, 2), f32)).astype(f32)
-  angle = (2 * np.pi * rng.random(n, f32)).astype(f32)
+  angle = (cat.MAX_TILT * (2 * rng.random(n, f32) - 1)).astype(f32)
   shape_param = rng.random(n, f32)
 
   gain = 0.85 + 0.25 * rng.random((n, 1), f32)
@@ -207,14 +208,14 @@ def sample_scenes(rng: np.random.Generator, n: int,
   effect = np.select(
       [style == cat.BLURRY, style == cat.DARK, style == cat.LOW_CONTRAST,
        style == cat.HIGH_CONTRAST, style == cat.PIXELATED],
-      [0.9 + 0.8 * u_fx, 0.16 + 0.2 * u_fx, 0.18 + 0.17 * u_fx,
-       1.8 + 0.8 * u_fx, np.floor(6 + 5 * u_fx)],
+      [0.7 + 0.5 * u_fx, 0.3 + 0.15 * u_fx, 0.3 + 0.15 * u_fx,
+       1.8 + 0.8 * u_fx, np.floor(12 + 5 * u_fx)],
       1).astype(f32)
 
   u_noise = rng.random(n, f32)
   noise_std = np.select(
       [style == cat.NOISY, photo, line_art],
-      [0.09 + 0.08 * u_noise, 0.005 + 0.025 * u_noise, 0.01 + 0.015 * u_noise],
+      [0.06 + 0.05 * u_noise, 0.005 + 0.025 * u_noise, 0.01 + 0.015 * u_noise],
       0.01 * u_noise).astype(f32)
 
   return Scenes(
