@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Training.
   # Small batches, many steps: what limits this model is the number of
   # updates, and on two CPU cores a step of batch 32 costs 21 ms against 54 ms
-  # at batch 64 (the activations stay in cache).
+  # at batch 64.
   c.batch_size = 32
   c.num_steps = 24000
   c.learning_rate = 1e-3

@@ -147,8 +147,8 @@ def with_template_captions(rng: np.random.Generator, texts: Sequence[str],
                            fraction: float) -> list[str]:
   """Replaces a `fraction` of captions by a zero-shot template true of the image.
 
-  Why: free captions name colour, size, style and background, and in a batch
-  of 256 those alone tell most captions apart, so the contrastive loss barely
+  Why: free captions name colour, size, style and background, and within a
+  batch those alone tell most captions apart, so the contrastive loss barely
   asks for the shape, which is the class. A template caption ("a photo of a
   star.") is shared by many images of a batch and differs between them only
   in the class word, so it asks for the shape; it is also the text the model
