@@ -157,8 +157,11 @@ def benchmark_class_count(backbone: Backbone, x, num_classes: int, config,
                           cache_root: str) -> dict:
   """The four certifiers on one new prompt with `num_classes` classes."""
   from ovc_jax import caches  # pylint: disable=g-import-not-at-top
+  from ovc_jax import ovc  # pylint: disable=g-import-not-at-top
   from ovc_jax import sampler  # pylint: disable=g-import-not-at-top
-  from ovc_jax.certifiers import cached_ovc, modified_irs, mvn_ovc, standard  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certifiers.modified_irs import IRSParams  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certifiers.mvn_ovc import MVNParams  # pylint: disable=g-import-not-at-top
   from ovc_jax.classifiers import EmbeddingClassifier  # pylint: disable=g-import-not-at-top
 
   d = backbone.model.config.embed_dim
@@ -168,80 +171,41 @@ def benchmark_class_count(backbone: Backbone, x, num_classes: int, config,
   novel = unit_rows(k2, (num_classes, d)) * 1e-3 + known[0]
   novel = novel / jnp.linalg.norm(novel, axis=-1, keepdims=True)
   classifier = EmbeddingClassifier(backbone.model.embed_images)
-  kw = dict(sigma=config.sigma, num_classes=num_classes, n0=config.n0,
-            n=config.n, alpha=config.alpha, batch_size=config.batch_size)
-  novel_params = {"encoder": backbone.params, "class_embeddings": novel}
+  params = ovc.OVCParams(
+      SmoothingParams(sigma=config.sigma, n0=config.n0, n=config.n,
+                      alpha=config.alpha, batch_size=config.batch_size),
+      IRSParams(n_p=config.n_p, gamma=config.gamma, alpha_zeta=config.alpha),
+      MVNParams(delta=0.0, batch_size=config.mvn_batch_size),
+      cached_batch_size=config.cached_batch_size)
 
   # The known prompts: certified once, leaving the three caches on disk.
-  draws = standard.sample_certification_draws(
-      classifier, {"encoder": backbone.params, "class_embeddings": known}, x,
-      key, sigma=config.sigma, num_classes=num_classes, n0=config.n0,
-      n=config.n, batch_size=config.batch_size,
-      outputs=("counts", "predictions", "embeddings"))
-  certs = standard.certificates_from_draws(draws, sigma=config.sigma,
-                                           alpha=config.alpha)
-  prov = caches.Provenance(
-      model=backbone.name, weights=backbone.fingerprint,
-      preprocess=backbone.preprocess.to_dict(), noise_space="normalized",
-      sigma=config.sigma, n0=config.n0, n=config.n,
-      key=caches.key_fingerprint(key), dtype=config.dtype,
-      input_sha256=caches.array_fingerprint(x), num_classes=num_classes)
-  paths = {k: os.path.join(cache_root, k) for k in ("embeddings", "gaussian", "known")}
-  embeddings = cached_ovc.embeddings_from_draws(draws)
-  fit = mvn_ovc.fit_gaussian(embeddings.estimation)
-  caches.save_cache(paths["embeddings"], "embeddings", prov, embeddings._asdict())
-  caches.save_cache(paths["gaussian"], "gaussian", prov,
-                    {"mean": fit.mean, "factor": fit.factor})
-  sel, est = jax.device_get((draws.selection["predictions"],
-                             draws.estimation["predictions"][:config.n_p]))
-  caches.save_cache(paths["known"], "known", prov, {
-      "selection_predictions": np.asarray(sel, np.int16),
-      "estimation_predictions": np.asarray(est, np.int16),
-      "predictions": np.array([c.prediction for c in certs], np.int32),
-      "p_lower": np.array([c.pA_lower for c in certs])})
+  prov = caches.Provenance.for_input(
+      backbone, noise_space="normalized", smoothing=params.smoothing, key=key,
+      image=x, dtype=config.dtype, num_classes=num_classes)
+  known_result = ovc.certify_known_prompts(classifier, backbone.params, x, key,
+                                           known, params)
+  ovc.save_caches(cache_root, known_result.caches, prov, alpha=config.alpha)
+  source = ovc.StoredCaches(cache_root, prov, known_class_embeddings=known)
+  paths = {k: os.path.join(cache_root, k) for k in ovc.CACHE_KINDS}
 
-  def run_standard():
-    return standard.certify(classifier, novel_params, x, key, **kw)
-
-  def run_irs():
-    cache = caches.load_cache(paths["known"], "known", prov)
-    record = modified_irs.KnownPrompts(
-        np.asarray(cache.arrays["selection_predictions"]),
-        np.asarray(cache.arrays["estimation_predictions"]),
-        np.asarray(cache.arrays["predictions"]),
-        np.asarray(cache.arrays["p_lower"]), np.asarray(known))
-    return modified_irs.certify_novel(
-        classifier, novel_params, x, key, record, n_p=config.n_p,
-        gamma=config.gamma, alpha_zeta=config.alpha, **kw)
-
-  def run_cached():
-    cache = caches.load_cache(paths["embeddings"], "embeddings", prov)
-    return cached_ovc.certify_cached(
-        cached_ovc.EmbeddingDraws(cache.arrays["selection"],
-                                  cache.arrays["estimation"]),
-        novel, sigma=config.sigma, alpha=config.alpha,
-        batch_size=config.cached_batch_size)
-
-  def run_mvn():
-    cache = caches.load_cache(paths["gaussian"], "gaussian", prov)
-    return mvn_ovc.certify_mvn(
-        mvn_ovc.GaussianFit(jnp.asarray(cache.arrays["mean"]),
-                            jnp.asarray(cache.arrays["factor"])),
-        novel, key, sigma=config.sigma, n0=config.n0, n=config.n,
-        alpha=config.alpha, delta=0.0, batch_size=config.mvn_batch_size)
+  def runner(method):
+    return lambda: ovc.certify_novel_prompt(
+        method, classifier, backbone.params, x, key, source, novel, params)
 
   out = {}
   results = {}
-  for name, fn in (("standard_rs_s", run_standard), ("irs_s", run_irs),
-                   ("cached_ovc_s", run_cached), ("mvn_ovc_s", run_mvn)):
+  for name, method in (("standard_rs_s", "standard"), ("irs_s", "irs"),
+                       ("cached_ovc_s", "cached"), ("mvn_ovc_s", "mvn")):
+    fn = runner(method)
     results[name] = fn()  # compiles; not timed
     out[name] = median_seconds(fn, config.repeats)
   std = out["standard_rs_s"]
   out["speedup_irs"] = std / out["irs_s"]
   out["speedup_cached"] = std / out["cached_ovc_s"]
   out["speedup_mvn"] = std / out["mvn_ovc_s"]
-  out["irs_applied"] = bool(results["irs_s"].irs_applied)
-  ref, cached = results["standard_rs_s"], results["cached_ovc_s"]
+  out["irs_applied"] = bool(results["irs_s"].irs.irs_applied)
+  ref = results["standard_rs_s"].certificate
+  cached = results["cached_ovc_s"].certificate
   out["cached_identical_to_standard"] = bool(
       ref.prediction == cached.prediction and ref.radius == cached.radius
       and np.array_equal(ref.counts, cached.counts))
@@ -266,24 +230,25 @@ def compile_child(name: str, cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from ovc_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
   from ovc_jax.certifiers import standard  # pylint: disable=g-import-not-at-top
   from ovc_jax.classifiers import EmbeddingClassifier  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   backbone = load_backbone(name, config.dtype, config.seed)
   x = benchmark_input(backbone)
   u = unit_rows(jax.random.key(1), (1000, backbone.model.config.embed_dim))
-  params = {"encoder": backbone.params, "class_embeddings": u}
   classifier = EmbeddingClassifier(backbone.model.embed_images)
-  kw = dict(sigma=config.sigma, num_classes=1000, n0=config.batch_size,
-            n=config.batch_size, alpha=config.alpha,
-            batch_size=config.batch_size)
+  params = classifier.params(backbone.params, u)
+  smoothing = SmoothingParams(sigma=config.sigma, n0=config.batch_size,
+                              n=config.batch_size, alpha=config.alpha,
+                              batch_size=config.batch_size)
   key = sampler.input_key(config.seed, 0)
   jax.block_until_ready(x)
   start = time.perf_counter()
-  standard.certify(classifier, params, x, key, **kw)
+  standard.certify(classifier, params, x, key, smoothing)
   first = time.perf_counter() - start
   start = time.perf_counter()
-  standard.certify(classifier, params, x, key, **kw)
+  standard.certify(classifier, params, x, key, smoothing)
   second = time.perf_counter() - start
   print(json.dumps({"first_result_s": first, "steady_s": second}))
 

@@ -19,25 +19,19 @@ import sys
 
 from absl import app
 from absl import flags
-import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from ml_collections import config_dict
-import numpy as np
 
-from experiments import certify
 from experiments import common
-from ovc_jax import sampler
-from ovc_jax.certifiers import cached_ovc, mvn_ovc, standard
+from experiments.common import certify_job
+from experiments.common import mvn_calibration
+from ovc_jax.certifiers import mvn_ovc
 from ovc_jax.errors import ConfigError
 
 _FLAGS = {}
 
 
 def define_flags() -> None:
-  """Defined only when this module is the program (experiments.paper imports it)."""
+  """The entry point's flags, defined when this module is the program."""
   _FLAGS["workdir"] = flags.DEFINE_string(
       "certify_workdir", os.path.join("workdirs", "certify"),
       "A finished ovc-mode certify run.")
@@ -45,61 +39,6 @@ def define_flags() -> None:
       "out", None, "Output directory (default: the certify workdir).")
   _FLAGS["step"] = flags.DEFINE_float(
       "round_to", 0.005, "Round the recommended delta up to a multiple of this.")
-
-
-def margin_radius(cert: standard.Certificate, delta: float,
-                  sigma: float) -> float:
-  """The MVN radius with margin delta, from its no-margin result."""
-  if cert.prediction == standard.ABSTAIN or cert.pA_lower - delta <= 0.5:
-    return 0.0
-  return standard.radius_from_lower_bound(cert.pA_lower - delta, sigma)
-
-
-def compare(setup) -> dict[float, list[tuple[standard.Certificate, standard.Certificate]]]:
-  """{sigma: [(mvn without margin, exact)]} over the run's inputs and prompts."""
-  config = setup.config
-  stack = jnp.stack([p.class_embeddings for p in setup.known + setup.novel])
-  run = common.ResumableRun(setup.workdir, config.to_dict())
-  if not run.done:
-    raise ConfigError(f"{setup.workdir} has no finished inputs")
-  pairs = {float(s): [] for s in config.sigmas}
-  for idx in run.done:
-    image, _ = setup.dataset[idx]
-    key = sampler.input_key(config.seed, idx)
-    for sigma in config.sigmas:
-      prov = certify.provenance(setup, sigma, key, image)
-      emb = certify._load_embeddings(setup, sigma, idx, prov)  # pylint: disable=protected-access
-      fit = certify._load_gaussian(setup, sigma, idx, prov)  # pylint: disable=protected-access
-      exact = cached_ovc.certify_cached_many(emb, stack, sigma=float(sigma),
-                                             alpha=config.alpha)
-      mvn = mvn_ovc.certify_mvn_many(fit, stack, key, sigma=float(sigma),
-                                     n0=config.n0, n=config.n,
-                                     alpha=config.alpha, delta=0.0)
-      pairs[float(sigma)] += list(zip(mvn, exact))
-  return pairs
-
-
-def draw(pairs, delta: float, path: str) -> None:
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=120, sharey=True)
-  top = 0.0
-  for sigma, items in pairs.items():
-    exact = np.array([e.radius for _, e in items])
-    raw = np.array([m.radius for m, _ in items])
-    margin = np.array([margin_radius(m, delta, sigma) for m, _ in items])
-    top = max(top, exact.max(), raw.max())
-    axes[0].scatter(exact, raw, s=8, alpha=0.6, label=f"σ={sigma:g}")
-    axes[1].scatter(exact, margin, s=8, alpha=0.6, label=f"σ={sigma:g}")
-  for ax, title in zip(axes, ("MVN-OVC without margin",
-                              f"MVN-OVC with margin δ={delta:g}")):
-    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", linewidth=0.8,
-            label="MVN = exact")
-    ax.set_xlabel("exact certified radius (standard RS = Cached-OVC)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  axes[0].set_ylabel("MVN-OVC radius (approximate)")
-  fig.tight_layout()
-  common.save_figure(fig, path)
 
 
 @common.exit_on_user_error
@@ -114,8 +53,8 @@ def main(argv) -> None:
   if config.mode != "ovc":
     raise ConfigError("calibration needs an ovc-mode certify run (its caches "
                       "hold every prompt's exact counts)")
-  setup = certify.build_setup(config, workdir)
-  pairs = compare(setup)
+  setup = certify_job.build_setup(config, workdir)
+  pairs = mvn_calibration.compare(setup)
   out_dir = _FLAGS['out'].value or workdir
   report = {"note": mvn_ovc.APPROXIMATE_NOTE, "per_sigma": {}}
   everything = []
@@ -131,7 +70,7 @@ def main(argv) -> None:
   report["inputs"] = len(common.ResumableRun(workdir, config.to_dict()).done)
   report["prompts"] = len(setup.known) + len(setup.novel)
   figure = os.path.join(out_dir, "mvn_vs_exact.png")
-  draw(pairs, recommended, figure)
+  mvn_calibration.draw(pairs, recommended, figure)
   common.write_json(os.path.join(out_dir, "calibration.json"), report)
   w = sys.stdout.write
   w(f"{mvn_ovc.APPROXIMATE_NOTE}\n")

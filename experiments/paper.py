@@ -40,12 +40,11 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 import numpy as np
 
-from experiments import calibrate_mvn
-from experiments import certify
 from experiments import common
+from experiments.common import certify_job
+from experiments.common import mvn_calibration
 from experiments.configs import certify as certify_configs
 from ovc_jax import results
-from ovc_jax import sampler
 from ovc_jax.certifiers import modified_irs, mvn_ovc
 from ovc_jax.classifiers import predict_from_embeddings
 
@@ -65,7 +64,7 @@ def backbone_label(backbone: str) -> str:
   """A file-name-safe name: the BACKBONES key, or a slug of a path or spec."""
   if backbone in certify_configs.BACKBONES:
     return backbone
-  return certify.slug(os.path.basename(os.path.normpath(backbone.split(":")[-1])))
+  return certify_job.slug(os.path.basename(os.path.normpath(backbone.split(":")[-1])))
 
 
 def certify_config(c, backbone: str, noise_space: str):
@@ -116,7 +115,7 @@ def certified_accuracy(runs, out: str) -> list[dict]:
   by_backbone = {}
   for (backbone, space), (setup, _) in runs.items():
     for sigma in setup.config.sigmas:
-      paths = [certify.tsv_path(setup, "standard", p, sigma) for p in setup.known]
+      paths = [certify_job.tsv_path(setup, "standard", p, sigma) for p in setup.known]
       acc = mean_curve(paths, RADII)
       rows.append({"backbone": backbone, "noise_space": space, "sigma": sigma,
                    **{f"r>={r:g}": float(a) for r, a in zip(RADII, acc)}})
@@ -152,7 +151,7 @@ def irs_table(runs, out: str) -> list[dict]:
       irs = methods[f"novel/irs/sigma_{sigma:g}"]
       std = methods[f"novel/standard/sigma_{sigma:g}"]
       applied = np.mean([np.mean(results.read_tsv(
-          certify.tsv_path(setup, "irs", p, sigma))["irs_applied"])
+          certify_job.tsv_path(setup, "irs", p, sigma))["irs_applied"])
                          for p in setup.novel])
       rows.append({"backbone": backbone, "dataset": setup.config.dataset,
                    "noise_space": space, "sigma": sigma,
@@ -178,12 +177,8 @@ def irs_table(runs, out: str) -> list[dict]:
 
 
 def _known_and_embeddings(setup, sigma, idx):
-  image, _ = setup.dataset[idx]
-  key = sampler.input_key(setup.config.seed, idx)
-  prov = certify.provenance(setup, sigma, key, image)
-  known = certify._load_known(setup, sigma, idx, prov)  # pylint: disable=protected-access
-  emb = certify._load_embeddings(setup, sigma, idx, prov)  # pylint: disable=protected-access
-  return known, emb
+  source = certify_job.stored_caches(setup, sigma, idx)
+  return source.load_known(), source.load_embeddings()
 
 
 def agreement(setup, backbone: str, out: str) -> dict:
@@ -211,9 +206,9 @@ def agreement(setup, backbone: str, out: str) -> dict:
     for j, p_novel in enumerate(setup.novel):
       sim = modified_irs.prompt_similarity(np.asarray(p_novel.class_embeddings),
                                            known_u)
-      novel_p = results.read_tsv(certify.tsv_path(setup, "standard", p_novel, sigma))["pA_lower"]
+      novel_p = results.read_tsv(certify_job.tsv_path(setup, "standard", p_novel, sigma))["pA_lower"]
       for i, p_known in enumerate(setup.known):
-        known_p = results.read_tsv(certify.tsv_path(setup, "standard", p_known, sigma))["pA_lower"]
+        known_p = results.read_tsv(certify_job.tsv_path(setup, "standard", p_known, sigma))["pA_lower"]
         points += [(float(sim[i]), float(g), sigma)
                    for g in np.abs(known_p - novel_p)]
   fig, axes = plt.subplots(1, len(sigmas), figsize=(4.6 * len(sigmas), 3.6),
@@ -249,8 +244,8 @@ def cached_vs_standard(runs, out: str) -> dict:
   for (_, _), (setup, _) in runs.items():
     for sigma in setup.config.sigmas:
       for p in setup.novel:
-        xs += list(results.read_tsv(certify.tsv_path(setup, "standard", p, sigma))["radius"])
-        ys += list(results.read_tsv(certify.tsv_path(setup, "cached", p, sigma))["radius"])
+        xs += list(results.read_tsv(certify_job.tsv_path(setup, "standard", p, sigma))["radius"])
+        ys += list(results.read_tsv(certify_job.tsv_path(setup, "cached", p, sigma))["radius"])
   xs, ys = np.array(xs), np.array(ys)
   fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
   top = max(xs.max(), ys.max(), 0.1) * 1.05
@@ -269,7 +264,7 @@ def cached_vs_standard(runs, out: str) -> dict:
 def mvn_calibration(runs, out: str, step: float = 0.005) -> tuple[list[dict], dict]:
   pairs = {}
   for (backbone, space), (setup, _) in runs.items():
-    for sigma, items in calibrate_mvn.compare(setup).items():
+    for sigma, items in mvn_calibration.compare(setup).items():
       pairs.setdefault(sigma, []).extend(items)
   rows = []
   for sigma, items in sorted(pairs.items()):
@@ -278,7 +273,7 @@ def mvn_calibration(runs, out: str, step: float = 0.005) -> tuple[list[dict], di
   overall = mvn_ovc.calibrate_margin(
       *map(list, zip(*[i for items in pairs.values() for i in items])))
   delta = math.ceil(overall.delta / step - 1e-9) * step
-  calibrate_mvn.draw(pairs, delta, os.path.join(out, "mvn_vs_exact.png"))
+  mvn_calibration.draw(pairs, delta, os.path.join(out, "mvn_vs_exact.png"))
   return rows, {"overall": overall._asdict(), "recommended_delta": delta}
 
 
@@ -335,7 +330,7 @@ def run(c, workdir: str, stream=sys.stderr) -> dict:
   for backbone in c.backbones:
     for space in c.noise_spaces:
       stream.write(f"== certify: backbone {backbone}, noise in {space} space\n")
-      runs[(backbone_label(backbone), space)] = certify.run(
+      runs[(backbone_label(backbone), space)] = certify_job.run(
           certify_config(c, backbone, space),
           os.path.join(workdir, "runs", backbone_label(backbone), space),
           stream=stream)

@@ -42,15 +42,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import common
+from ovc_jax import certificates
+from ovc_jax import classifiers
 from ovc_jax import datasets
 from ovc_jax import preprocessing
+from ovc_jax import toy_clip
 from ovc_jax import toy_world
+from ovc_jax import zeroshot
 from ovc_jax.errors import ConfigError
 from ovc_jax.models import CLIPConfig, ClipModel, TextConfig, VisionConfig
 from ovc_jax.models import save_hf_checkpoint
 from ovc_jax.models.config import config_to_hf
 from ovc_jax.toy_world import captions as captions_lib
-from ovc_jax.toy_world import training
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPORT_DIR = os.path.join(_REPO, "checkpoints", "toy_clip")
@@ -89,7 +92,7 @@ def _stderr(line: str) -> None:
 
 
 def make_tokenizer(config: config_dict.ConfigDict):
-  return training.build_tokenizer(toy_world.vocabulary(),
+  return toy_clip.build_tokenizer(toy_world.vocabulary(),
                                   config.model.text.context_length)
 
 
@@ -99,7 +102,7 @@ def clip_config(config: config_dict.ConfigDict, vocab_size: int) -> CLIPConfig:
   return CLIPConfig(
       embed_dim=m.embed_dim,
       vision=VisionConfig(architecture="vit", **m.vision.to_dict()),
-      text=TextConfig(vocab_size=vocab_size, eos_token_id=training.EOT_ID,
+      text=TextConfig(vocab_size=vocab_size, eos_token_id=toy_clip.EOT_ID,
                       pooling="eos", **m.text.to_dict()))
 
 
@@ -127,16 +130,16 @@ def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def make_batch(tokenizer, seed: int, step: int, batch_size: int,
-               template_fraction: float = 0.0) -> training.Batch:
+               template_fraction: float = 0.0) -> toy_clip.Batch:
   """Training batch `step` of run `seed` (a pure function of both)."""
   images, texts, labels, attributes = toy_world.sample_batch((seed, step),
                                                              batch_size)
   if template_fraction:
-    texts = training.with_template_captions(
+    texts = toy_clip.with_template_captions(
         np.random.default_rng((seed, step, 1)), texts, labels, attributes,
         template_fraction)
-  return training.Batch(images, training.tokenize(tokenizer, texts),
-                        training.unique_ids(texts))
+  return toy_clip.Batch(images, toy_clip.tokenize(tokenizer, texts),
+                        toy_clip.unique_ids(texts))
 
 
 def train(config: config_dict.ConfigDict, workdir: str, *,
@@ -154,12 +157,12 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
   model = ClipModel(clip_config(config, tokenizer.get_vocab_size()))
   spec = preprocessing.PreprocessSpec(image_size=model.image_size,
                                       resize_size=model.image_size)
-  optimizer = training.make_optimizer(
+  optimizer = toy_clip.make_optimizer(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
       total_steps=config.num_steps, end_learning_rate=config.end_learning_rate,
       weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
   init_key, noise_key = jax.random.split(jax.random.key(config.seed))
-  state = training.init_train_state(model, optimizer, init_key)
+  state = toy_clip.init_train_state(model, optimizer, init_key)
 
   manager = _checkpoint_manager(workdir, config.keep_checkpoints)
   resumed_from, train_seconds = manager.latest_step(), 0.0
@@ -175,7 +178,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
     log(f"resumed from the checkpoint at step {resumed_from} in {workdir}")
 
   step_fn = jax.jit(
-      functools.partial(training.train_step, model, optimizer, spec,
+      functools.partial(toy_clip.train_step, model, optimizer, spec,
                         tuple(config.noise_sigmas)), donate_argnums=0)
   end = config.num_steps if stop_at_step is None else min(stop_at_step,
                                                           config.num_steps)
@@ -200,7 +203,7 @@ def train(config: config_dict.ConfigDict, workdir: str, *,
     history.append(metrics)
     done = step + 1
     if done % config.log_every == 0 or done == end:
-      final_metrics = training.summarize_metrics(jax.device_get(history))
+      final_metrics = toy_clip.summarize_metrics(jax.device_get(history))
       progress.update(len(history), note=_format_metrics(final_metrics))
       history = []
     if done % config.checkpoint_every == 0 or done == end:
@@ -260,14 +263,14 @@ def evaluate(model: ClipModel, params: Any, tokenizer,
   images, labels, metadata = load_test_split(spec)
   class_names = toy_world.TOY_CLASSES
   embed = jax.jit(model.embed_images)
-  z = training.embed_in_batches(functools.partial(embed, params), images,
+  z = zeroshot.embed_in_batches(functools.partial(embed, params), images,
                                 eval_config.batch_size)
   templates = list(toy_world.TOY_TEMPLATES)
   if eval_config.template not in templates:
     templates.append(eval_config.template)
-  class_embeddings = training.template_class_embeddings(
-      model, params, tokenizer, templates, class_names)
-  predictions = training.zero_shot_predictions(z, class_embeddings)  # [N, T]
+  class_embeddings = zeroshot.stack_prompts(
+      toy_clip.text_tower(model, params, tokenizer), templates, class_names)
+  predictions = _predict(z, class_embeddings)  # [N, T]
   correct = predictions == labels[:, None]
   main = templates.index(eval_config.template)
   matches = captions_lib.template_matches(metadata)
@@ -288,12 +291,12 @@ def evaluate(model: ClipModel, params: Any, tokenizer,
       "zero_shot_num_correct": int(correct[:, main].sum()),
       "num_images": int(len(labels)),
       "per_template": per_template,
-      "template_ensemble_accuracy": float(np.mean(training.zero_shot_predictions(
-          z, _ensemble(class_embeddings[:len(toy_world.TOY_TEMPLATES)]))
+      "template_ensemble_accuracy": float(np.mean(_predict(
+          z, zeroshot.ensemble(class_embeddings[:len(toy_world.TOY_TEMPLATES)]))
                                                   == labels)),
-      "per_style": training.group_accuracies(
+      "per_style": toy_clip.group_accuracies(
           correct[:, main], metadata["style"], metadata["style_names"]),
-      "per_class": training.group_accuracies(
+      "per_class": toy_clip.group_accuracies(
           correct[:, main], labels, class_names),
   }
   log(f"zero-shot accuracy ({eval_config.template!r}): "
@@ -304,12 +307,13 @@ def evaluate(model: ClipModel, params: Any, tokenizer,
     certified = {}
     for sigma in eval_config.cert_sigmas:
       t0 = time.perf_counter()
-      result = training.certified_accuracy_at_zero(
+      smoothing = certificates.SmoothingParams(
+          sigma=sigma, n0=eval_config.cert_n0, n=eval_config.cert_n,
+          alpha=eval_config.cert_alpha, batch_size=eval_config.cert_batch_size)
+      result = toy_clip.certified_accuracy_at_zero(
           model, params, class_embeddings[main], images[indices],
-          labels[indices], sigma=sigma, seed=eval_config.cert_seed,
-          n0=eval_config.cert_n0, n=eval_config.cert_n,
-          alpha=eval_config.cert_alpha,
-          batch_size=eval_config.cert_batch_size, indices=indices)
+          labels[indices], smoothing, seed=eval_config.cert_seed,
+          indices=indices)
       result["seconds"] = time.perf_counter() - t0
       certified[f"{sigma:g}"] = result
       log(f"sigma {sigma:g}: certified accuracy at radius 0 "
@@ -329,10 +333,12 @@ def evaluate(model: ClipModel, params: Any, tokenizer,
   return metrics
 
 
-def _ensemble(class_embeddings: np.ndarray) -> np.ndarray:
-  """CLIP's prompt ensemble: the normalised mean over templates, [C, d]."""
-  mean = class_embeddings.mean(axis=0)
-  return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+def _predict(image_embeddings: jax.Array, class_embeddings: jax.Array
+             ) -> np.ndarray:
+  """Zero-shot predictions on the host: int `[N]` (class matrix `[C, d]`) or
+  `[N, T]` (`[T, C, d]`)."""
+  return np.asarray(classifiers.predict_from_embeddings(image_embeddings,
+                                                        class_embeddings))
 
 
 # ---------------------------------------------------------------------------
@@ -364,9 +370,9 @@ def export(directory: str, model: ClipModel, params: Any, tokenizer,
   save_hf_checkpoint((model, jax.device_get(params)), directory,
                      preprocess=spec)
   common.write_json(os.path.join(directory, "config.json"), config_to_hf(
-      model.config, bos_token_id=training.SOT_ID,
-      pad_token_id=training.PAD_ID))
-  for name, text in training.tokenizer_files(tokenizer).items():
+      model.config, bos_token_id=toy_clip.SOT_ID,
+      pad_token_id=toy_clip.PAD_ID))
+  for name, text in toy_clip.tokenizer_files(tokenizer).items():
     common.atomic_write_text(os.path.join(directory, name), text)
   common.write_json(os.path.join(directory, RECORD_NAME), record)
 
@@ -408,7 +414,7 @@ def run(config: config_dict.ConfigDict, workdir: str, export_dir: str, *,
       "image_encoder_flops_per_image": image_encoder_flops(model, params),
       "tokenizer": {"type": "word level (tokenizers WordLevel)",
                     "vocab_size": result["tokenizer"].get_vocab_size(),
-                    "special_tokens": dict(zip(training.SPECIAL_TOKENS,
+                    "special_tokens": dict(zip(toy_clip.SPECIAL_TOKENS,
                                                range(4)))},
       "train_steps": result["step"],
       "train_seconds": round(result["train_seconds"], 1),

@@ -36,6 +36,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from ovc_jax.certificates import SmoothingParams
+from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
+from ovc_jax.certifiers.modified_irs import KnownPrompts
+from ovc_jax.certifiers.mvn_ovc import GaussianFit
 from ovc_jax.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -72,6 +76,18 @@ class Provenance:
   dtype: str
   input_sha256: str
   num_classes: int
+
+  @classmethod
+  def for_input(cls, model: Any, *, noise_space: str,
+                smoothing: SmoothingParams, key: jax.Array, image: Any,
+                dtype: str, num_classes: int) -> "Provenance":
+    """The provenance of one input's caches; `model` has .name, .fingerprint
+    and .preprocess (a `LoadedClip`, say)."""
+    return cls(model=model.name, weights=model.fingerprint,
+               preprocess=model.preprocess.to_dict(), noise_space=noise_space,
+               sigma=float(smoothing.sigma), n0=smoothing.n0, n=smoothing.n,
+               key=key_fingerprint(key), dtype=dtype,
+               input_sha256=array_fingerprint(image), num_classes=num_classes)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -219,3 +235,73 @@ def load_cache(directory: str, kind: str,
     arrays[name] = arr
   return Cache(directory, kind, meta["provenance"], arrays,
                meta.get("extra", {}), int(meta.get("bytes", 0)))
+
+
+# The three kinds, typed: each pair below owns its kind's array names.
+
+
+def save_embeddings(directory: str, draws: EmbeddingDraws,
+                    provenance: Provenance) -> int:
+  """Cached-OVC's cache: the embeddings of the n0 + n noisy samples."""
+  return save_cache(directory, "embeddings", provenance,
+                    {"selection": draws.selection,
+                     "estimation": draws.estimation})
+
+
+def load_embeddings(directory: str, expected: Provenance) -> EmbeddingDraws:
+  """The embeddings, memory-mapped; raises CacheError if they do not fit."""
+  cache = load_cache(directory, "embeddings", expected)
+  return EmbeddingDraws(cache.arrays["selection"], cache.arrays["estimation"])
+
+
+def save_gaussian(directory: str, fit: GaussianFit,
+                  provenance: Provenance) -> int:
+  """MVN-OVC's cache: mean and covariance factor of the embeddings."""
+  return save_cache(directory, "gaussian", provenance,
+                    {"mean": fit.mean, "factor": fit.factor})
+
+
+def load_gaussian(directory: str, expected: Provenance) -> GaussianFit:
+  cache = load_cache(directory, "gaussian", expected)
+  return GaussianFit(jax.numpy.asarray(cache.arrays["mean"]),
+                     jax.numpy.asarray(cache.arrays["factor"]))
+
+
+def save_known(directory: str, known: KnownPrompts, provenance: Provenance, *,
+               templates: list[str] | None = None, alpha: float) -> int:
+  """Modified-IRS's cache: the known prompts' per-sample predictions, cA and
+  pA_lower (their class matrices are not stored: the caller has them)."""
+  num_classes = known.class_embeddings.shape[-2]
+  label_dtype = np.int16 if num_classes < 2**15 else np.int32
+  return save_cache(
+      directory, "known", provenance,
+      {"selection_predictions": np.asarray(known.selection_predictions,
+                                           label_dtype),
+       "estimation_predictions": np.asarray(known.estimation_predictions,
+                                            label_dtype),
+       "predictions": np.asarray(known.predictions, np.int32),
+       "p_lower": np.asarray(known.p_lower, np.float64)},
+      extra={"templates": list(templates) if templates is not None else None,
+             "n_p": int(known.estimation_predictions.shape[0]),
+             "alpha": float(alpha)})
+
+
+def load_known(directory: str, expected: Provenance, class_embeddings: Any, *,
+               templates: list[str] | None = None) -> KnownPrompts:
+  """The known prompts' record; `class_embeddings` [P, C, d] are theirs."""
+  cache = load_cache(directory, "known", expected)
+  if templates is not None and cache.extra.get("templates") != list(templates):
+    raise CacheError(f"known-prompt cache {directory} was made for other "
+                     "known prompts than this run's")
+  class_embeddings = np.asarray(jax.device_get(class_embeddings))
+  if class_embeddings.shape[0] != cache.arrays["predictions"].shape[0]:
+    raise CacheError(
+        f"known-prompt cache {directory} holds "
+        f"{cache.arrays['predictions'].shape[0]} prompts; "
+        f"{class_embeddings.shape[0]} class matrices given")
+  return KnownPrompts(
+      selection_predictions=np.asarray(cache.arrays["selection_predictions"]),
+      estimation_predictions=np.asarray(cache.arrays["estimation_predictions"]),
+      predictions=np.asarray(cache.arrays["predictions"]),
+      p_lower=np.asarray(cache.arrays["p_lower"]),
+      class_embeddings=class_embeddings)

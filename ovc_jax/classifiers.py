@@ -71,12 +71,25 @@ class EmbeddingClassifier:
       (noise in native [0, 1] pixel space); if None the inputs are already
       normalised (noise in normalised space, the default).
 
-  Params: `{"encoder": encoder params, "class_embeddings": [C, d] or [P, C, d]}`.
+  Params: `EmbeddingClassifier.params(encoder_params, class_embeddings)`.
   """
 
   encoder: Callable[[Any, jax.Array], jax.Array]
   normalize: bool = True
   preprocess: preprocessing.PreprocessSpec | None = None
+
+  @staticmethod
+  def params(encoder_params: Any, class_embeddings: jax.Array) -> dict[str, Any]:
+    """This classifier's params: the encoder's and a class matrix [C, d] or [P, C, d]."""
+    return {"encoder": encoder_params, "class_embeddings": class_embeddings}
+
+  @staticmethod
+  def class_embeddings(params: Any) -> jax.Array:
+    return params["class_embeddings"]
+
+  @staticmethod
+  def num_classes(params: Any) -> int:
+    return int(params["class_embeddings"].shape[-2])
 
   def embed(self, encoder_params: Any, inputs: jax.Array) -> jax.Array:
     if self.preprocess is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,19 +52,57 @@ def standard_normal_samples(key: jax.Array, indices: jax.Array,
       sample_keys(key, indices))
 
 
+# The key streams of one input. Each is `fold_in(input_key, stream id)`, and
+# sample i of a stream is `fold_in(stream key, i)`. Distinct ids give
+# independent streams; that independence is what the certificates rest on:
+# Cohen et al.'s theorem needs the class choice (selection) independent of the
+# bound (estimation), PREDICT's test needs draws of its own, and MVN-OVC's
+# latent draws must not reuse image noise. Every stream is named here, once.
+KEY_STREAMS = {
+    "selection": 0,    # CERTIFY's n0 draws: which class to certify
+    "estimation": 1,   # CERTIFY's n draws: the bound on pA
+    "prediction": 2,   # PREDICT's n draws
+    "gaussian": 3,     # MVN-OVC's latent draws
+}
+
+
+def stream_key(key: jax.Array, stream: str) -> jax.Array:
+  """The key of one of an input's streams (see `KEY_STREAMS`)."""
+  if stream not in KEY_STREAMS:
+    raise ConfigError(f"unknown key stream {stream!r}; the streams are "
+                      f"{sorted(KEY_STREAMS)}")
+  return jax.random.fold_in(key, KEY_STREAMS[stream])
+
+
 def selection_key(key: jax.Array) -> jax.Array:
   """Key of the n0 selection draws of an input (which class to certify)."""
-  return jax.random.fold_in(key, 0)
+  return stream_key(key, "selection")
 
 
 def estimation_key(key: jax.Array) -> jax.Array:
   """Key of the n estimation draws; disjoint from the selection draws."""
-  return jax.random.fold_in(key, 1)
+  return stream_key(key, "estimation")
 
 
 def input_key(seed: int, index: int) -> jax.Array:
   """The noise key of dataset input `index` in a run seeded with `seed`."""
   return jax.random.fold_in(jax.random.key(seed), index)
+
+
+def num_classes_of(apply_fn: ApplyFn, params: Any,
+                   num_classes: int | None = None) -> int:
+  """C: the one given, else the base classifier's own `num_classes(params)`."""
+  own = getattr(apply_fn, "num_classes", None)
+  own = None if own is None else int(own(params))
+  if num_classes is None:
+    if own is None:
+      raise ConfigError(f"{type(apply_fn).__name__} does not know its class "
+                        "count; pass num_classes")
+    return own
+  if own is not None and int(num_classes) != own:
+    raise ConfigError(f"the class counts differ: num_classes = {num_classes} "
+                      f"but the class matrix has {own} rows")
+  return int(num_classes)
 
 
 def check_sampler_args(*, num_samples: int, sigma: float, batch_size: int,
@@ -93,6 +131,30 @@ def check_input(x: Any, expected_shape: Sequence[int] | None = None) -> np.ndarr
   if not np.all(np.isfinite(arr)):
     raise InputError("input contains NaN or infinite values")
   return arr
+
+
+def count_classes(predictions: jax.Array, valid: jax.Array,
+                  num_classes: int) -> jax.Array:
+  """Histogram of the valid rows of `predictions`: int32 `[..., num_classes]`.
+
+  Args:
+    predictions: int `[B]` or `[B, P]` (P classifiers on the same samples).
+    valid: bool `[B]`; rows that are padding are not counted.
+    num_classes: C.
+
+  A segment sum over flat (classifier, class) ids rather than a one-hot: it
+  touches B * P numbers instead of B * P * C. Predictions outside [0, C)
+  (e.g. ABSTAIN for a sample with no class) are not counted.
+  """
+  batch = predictions.shape[0]
+  flat = predictions.reshape(batch, -1).astype(jnp.int32)  # [B, P]
+  num_prompts = flat.shape[1]
+  in_range = (flat >= 0) & (flat < num_classes) & valid[:, None]
+  ids = jnp.where(in_range, flat + num_classes * jnp.arange(num_prompts),
+                  num_prompts * num_classes)  # out of range: dropped
+  counts = jax.ops.segment_sum(jnp.ones_like(ids).reshape(-1), ids.reshape(-1),
+                               num_segments=num_prompts * num_classes)
+  return counts.reshape(predictions.shape[1:] + (num_classes,))
 
 
 def _chunk_size(batch_size: int, num_samples: int, mesh: Mesh | None) -> int:
@@ -124,10 +186,7 @@ def _sample(apply_fn, params, x, key, sigma, first_index, *, num_samples,
     result = apply_fn(params, x[None] + sigma.astype(x.dtype) * noise)
     if "counts" in outputs:
       valid = offsets < num_samples  # the padded tail of the last chunk
-      one_hot = jax.nn.one_hot(result["predictions"], num_classes,
-                               dtype=jnp.int32)
-      valid = valid.reshape((chunk,) + (1,) * (one_hot.ndim - 1))
-      counts = counts + jnp.sum(jnp.where(valid, one_hot, 0), axis=0)
+      counts = counts + count_classes(result["predictions"], valid, num_classes)
     kept = {k: result[k] for k in outputs if k != "counts"}
     return counts, kept
 
@@ -204,6 +263,26 @@ def sample_under_noise(
                  num_samples=int(num_samples), batch_size=int(batch_size),
                  num_classes=None if num_classes is None else int(num_classes),
                  outputs=outputs, mesh=mesh)
+
+
+class Draws(NamedTuple):
+  """The sampler outputs of CERTIFY's two draws (each a dict, see above)."""
+
+  selection: dict[str, jax.Array]
+  estimation: dict[str, jax.Array]
+
+
+def sample_certification_draws(
+    apply_fn: ApplyFn, params: Any, x: jax.Array, key: jax.Array, *,
+    sigma: float, num_classes: int, n0: int, n: int, batch_size: int,
+    outputs: Sequence[str] = ("counts",), mesh: Mesh | None = None) -> Draws:
+  """CERTIFY's n0 selection and n estimation draws, from their own streams."""
+  def draw(stream, num_samples):
+    return sample_under_noise(
+        apply_fn, params, x, stream_key(key, stream), num_samples=num_samples,
+        sigma=sigma, batch_size=batch_size, num_classes=num_classes,
+        outputs=tuple(outputs), mesh=mesh)
+  return Draws(draw("selection", n0), draw("estimation", n))
 
 
 def sample_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from ovc_jax import caches
+from ovc_jax import certificates
+from ovc_jax import sampler
+from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers import cached_ovc, standard
 from ovc_jax.classifiers import EmbeddingClassifier
 from ovc_jax.errors import CacheError, InputError
@@ -40,16 +43,22 @@ def make_input(seed):
   return jnp.asarray(np.random.default_rng(200 + seed).normal(size=D), jnp.float32)
 
 
-KW = dict(num_classes=C, n0=64, n=1500, alpha=0.001, batch_size=128)
+KW = dict(n0=64, n=1500, alpha=0.001, batch_size=128)
+
+
+def smoothing(sigma):
+  return SmoothingParams(sigma=sigma, **KW)
 
 
 def first_prompt_run(encoder_params, prompt, x, key, sigma):
   """Standard RS on the first prompt, keeping the embeddings (fills the cache)."""
-  draws = standard.sample_certification_draws(
-      CLASSIFIER, {"encoder": encoder_params, "class_embeddings": prompt}, x,
+  draws = sampler.sample_certification_draws(
+      CLASSIFIER, CLASSIFIER.params(encoder_params, prompt), x,
       key, sigma=sigma, num_classes=C, n0=KW["n0"], n=KW["n"],
       batch_size=KW["batch_size"], outputs=("counts", "embeddings"))
-  cert = standard.certificates_from_draws(draws, sigma=sigma, alpha=KW["alpha"])[0]
+  cert = certificates.certificates_from_counts(
+      draws.selection["counts"], draws.estimation["counts"], sigma=sigma,
+      alpha=KW["alpha"])[0]
   return cert, cached_ovc.embeddings_from_draws(draws)
 
 
@@ -68,12 +77,12 @@ def test_bit_for_bit_equal_to_standard_rs(sigma):
     x, key = make_input(i), jax.random.key(i)
     first_cert, cache = first_prompt_run(encoder, prompts[0], x, key, sigma)
     assert_identical(first_cert, standard.certify(
-        CLASSIFIER, {"encoder": encoder, "class_embeddings": prompts[0]}, x,
-        key, sigma=sigma, **KW))
+        CLASSIFIER, CLASSIFIER.params(encoder, prompts[0]), x,
+        key, smoothing(sigma), num_classes=C))
     for p in range(1, 4):
       reference = standard.certify(
-          CLASSIFIER, {"encoder": encoder, "class_embeddings": prompts[p]}, x,
-          key, sigma=sigma, **KW)
+          CLASSIFIER, CLASSIFIER.params(encoder, prompts[p]), x,
+          key, smoothing(sigma), num_classes=C)
       for chunk in (128, 1000, 4096):
         assert_identical(
             cached_ovc.certify_cached(cache, prompts[p], sigma=sigma,
@@ -91,8 +100,8 @@ def test_abstentions_and_certificates_both_occur():
                                   jax.random.key(i), sigma)
       preds += [c.prediction for c in cached_ovc.certify_cached_many(
           cache, prompts, sigma=sigma, alpha=KW["alpha"])]
-  assert standard.ABSTAIN in preds
-  assert any(p != standard.ABSTAIN for p in preds)
+  assert certificates.ABSTAIN in preds
+  assert any(p != certificates.ABSTAIN for p in preds)
 
 
 def test_many_prompts_in_one_pass():

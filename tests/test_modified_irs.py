@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ovc_jax import certificates
+from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers import modified_irs, standard
+from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError
 
@@ -46,19 +49,21 @@ def test_irs_soundness_over_2000_keys():
   novel_u = prompt(m_novel, sigma)
   true_radius = m_novel * sigma
   disagreement = stats.norm.cdf(m_known) - stats.norm.cdf(m_novel)
-  kw = dict(sigma=sigma, num_classes=2, n0=100, n=10_000, alpha=alpha,
-            n_p=2000, batch_size=2000)
+  smoothing = SmoothingParams(sigma=sigma, n0=100, n=10_000, alpha=alpha,
+                              batch_size=2000)
+  irs = IRSParams(n_p=2000, gamma=0.02, alpha_zeta=alpha_zeta)
   wrong, applied, naive_wrong = [], [], []
   for seed in range(trials):
     key = jax.random.key(seed)
     _, known = modified_irs.certify_known(
-        LINEAR, {"encoder": encoder, "class_embeddings": known_u}, x, key, **kw)
+        LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, irs.n_p,
+        num_classes=2)
     result = modified_irs.certify_novel(
-        LINEAR, {"encoder": encoder, "class_embeddings": novel_u}, x, key,
-        known, gamma=0.02, alpha_zeta=alpha_zeta, **kw)
+        LINEAR, LINEAR.params(encoder, novel_u), x, key, known, smoothing,
+        irs, num_classes=2)
     cert = result.certificate
     applied.append(result.irs_applied)
-    wrong.append(cert.prediction not in (0, standard.ABSTAIN)
+    wrong.append(cert.prediction not in (0, certificates.ABSTAIN)
                  or cert.radius > true_radius)
     if result.irs_applied:
       assert result.confidence == pytest.approx(1 - alpha - alpha_zeta)
@@ -77,21 +82,24 @@ def test_irs_soundness_over_2000_keys():
 def test_fallback_equals_standard_rs():
   sigma = 0.5
   encoder, x = setup(sigma)
-  kw = dict(sigma=sigma, num_classes=2, n0=100, n=3000, alpha=0.001,
-            n_p=300, batch_size=256)
+  smoothing = SmoothingParams(sigma=sigma, n0=100, n=3000, alpha=0.001,
+                              batch_size=256)
   key = jax.random.key(3)
   known_u = jnp.stack([prompt(2.0, sigma), prompt(-1.0, sigma)])
   _, known = modified_irs.certify_known(
-      LINEAR, {"encoder": encoder, "class_embeddings": known_u}, x, key, **kw)
-  novel = {"encoder": encoder, "class_embeddings": prompt(0.8, sigma)}
+      LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, 300,
+      num_classes=2)
+  novel = LINEAR.params(encoder, prompt(0.8, sigma))
   # gamma = 0: zeta > 0 always, so IRS never applies.
-  result = modified_irs.certify_novel(LINEAR, novel, x, key, known, gamma=0.0,
-                                      **kw)
+  result = modified_irs.certify_novel(LINEAR, novel, x, key, known, smoothing,
+                                      IRSParams(n_p=300, gamma=0.0),
+                                      num_classes=2)
   assert not result.irs_applied
-  assert result.confidence == pytest.approx(1 - kw["alpha"])
-  reference = standard.certify(LINEAR, novel, x, key, sigma=sigma,
-                               num_classes=2, n0=100, n=3000, alpha=0.001,
-                               batch_size=256)
+  assert result.confidence == pytest.approx(1 - smoothing.alpha)
+  reference = standard.certify(
+      LINEAR, novel, x, key,
+      SmoothingParams(sigma=sigma, n0=100, n=3000, alpha=0.001,
+                      batch_size=256), num_classes=2)
   assert result.certificate.prediction == reference.prediction
   assert result.certificate.radius == reference.radius
   np.testing.assert_array_equal(result.certificate.counts, reference.counts)
@@ -100,18 +108,17 @@ def test_fallback_equals_standard_rs():
 def test_known_certificates_equal_standard_rs():
   sigma = 0.25
   encoder, x = setup(sigma)
-  kw = dict(sigma=sigma, num_classes=2, n0=50, n=800, alpha=0.001,
-            batch_size=100)
+  smoothing = SmoothingParams(sigma=sigma, n0=50, n=800, alpha=0.001,
+                              batch_size=100)
   known_u = jnp.stack([prompt(m, sigma) for m in (1.0, 0.5, -0.3)])
   certs, known = modified_irs.certify_known(
-      LINEAR, {"encoder": encoder, "class_embeddings": known_u}, x,
-      jax.random.key(5), n_p=80, **kw)
+      LINEAR, LINEAR.params(encoder, known_u), x, jax.random.key(5),
+      smoothing, n_p=80, num_classes=2)
   assert known.estimation_predictions.shape == (80, 3)
   assert known.selection_predictions.shape == (50, 3)
   for p, cert in enumerate(certs):
-    ref = standard.certify(LINEAR, {"encoder": encoder,
-                                    "class_embeddings": known_u[p]},
-                           x, jax.random.key(5), **kw)
+    ref = standard.certify(LINEAR, LINEAR.params(encoder, known_u[p]),
+                           x, jax.random.key(5), smoothing, num_classes=2)
     assert (cert.prediction, cert.radius) == (ref.prediction, ref.radius)
     assert known.p_lower[p] == ref.pA_lower
 
@@ -120,20 +127,22 @@ def test_chooses_the_agreeing_known_prompt_on_selection_draws():
   sigma = 0.5
   encoder, x = setup(sigma)
   # n_p = 1000 draws with no disagreement bound zeta by 1 - 0.001^(1/1000) = 0.0069.
-  kw = dict(sigma=sigma, num_classes=2, n0=100, n=2000, alpha=0.001,
-            n_p=1000, batch_size=500)
+  smoothing = SmoothingParams(sigma=sigma, n0=100, n=2000, alpha=0.001,
+                              batch_size=500)
+  irs = IRSParams(n_p=1000)
   key = jax.random.key(11)
   # Known prompts: far from the novel one, identical to it, and flipped.
   known_u = jnp.stack([prompt(-2.0, sigma), prompt(0.9, sigma),
                        prompt(3.0, sigma)])
   _, known = modified_irs.certify_known(
-      LINEAR, {"encoder": encoder, "class_embeddings": known_u}, x, key, **kw)
+      LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, irs.n_p,
+      num_classes=2)
   result = modified_irs.certify_novel(
-      LINEAR, {"encoder": encoder, "class_embeddings": prompt(0.9, sigma)}, x,
-      key, known, **kw)
+      LINEAR, LINEAR.params(encoder, prompt(0.9, sigma)), x, key, known,
+      smoothing, irs, num_classes=2)
   assert result.known_index == 1
   assert result.disagreements == 0 and result.irs_applied
-  assert result.forward_passes == kw["n0"] + kw["n_p"]
+  assert result.forward_passes == smoothing.n0 + irs.n_p
 
 
 def test_ties_go_to_the_most_similar_prompt():
@@ -148,35 +157,37 @@ def test_ties_go_to_the_most_similar_prompt():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(gamma=1.0), "gamma"), (dict(gamma=-0.1), "gamma"),
-    (dict(n_p=5000), "cannot exceed n"), (dict(n_p=0), "n_p"),
-    (dict(alpha_zeta=0.0), "alpha_zeta"),
+    (dict(gamma=1.0), r"irs\.gamma"), (dict(gamma=-0.1), r"irs\.gamma"),
+    (dict(n_p=5000), "cannot exceed n"), (dict(n_p=0), r"irs\.n_p"),
+    (dict(alpha_zeta=0.0), r"irs\.alpha_zeta"),
 ])
 def test_bad_arguments(bad, message):
   sigma = 0.5
   encoder, x = setup(sigma)
-  kw = dict(sigma=sigma, num_classes=2, n0=10, n=1000, alpha=0.01, n_p=100,
-            batch_size=100)
+  smoothing = SmoothingParams(sigma=sigma, n0=10, n=1000, alpha=0.01,
+                              batch_size=100)
   _, known = modified_irs.certify_known(
-      LINEAR, {"encoder": encoder, "class_embeddings": prompt(1.0, sigma)[None]},
-      x, jax.random.key(0), **kw)
-  kw.update(bad)
+      LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)[None]),
+      x, jax.random.key(0), smoothing, 100, num_classes=2)
+  irs_kw = dict(n_p=100)
+  irs_kw.update(bad)
   with pytest.raises(ConfigError, match=message):
     modified_irs.certify_novel(
-        LINEAR, {"encoder": encoder, "class_embeddings": prompt(1.0, sigma)},
-        x, jax.random.key(0), known, **kw)
+        LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)),
+        x, jax.random.key(0), known, smoothing, IRSParams(**irs_kw),
+        num_classes=2)
 
 
 def test_novel_prompt_with_another_class_count_is_refused():
   sigma = 0.5
   encoder, x = setup(sigma)
-  kw = dict(sigma=sigma, num_classes=2, n0=10, n=100, alpha=0.01, n_p=10,
-            batch_size=100)
+  smoothing = SmoothingParams(sigma=sigma, n0=10, n=100, alpha=0.01,
+                              batch_size=100)
   _, known = modified_irs.certify_known(
-      LINEAR, {"encoder": encoder, "class_embeddings": prompt(1.0, sigma)[None]},
-      x, jax.random.key(0), **kw)
+      LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)[None]),
+      x, jax.random.key(0), smoothing, 10, num_classes=2)
   three = jnp.concatenate([prompt(1.0, sigma), jnp.zeros((1, 2))])
   with pytest.raises(ConfigError, match="class count"):
     modified_irs.certify_novel(
-        LINEAR, {"encoder": encoder, "class_embeddings": three}, x,
-        jax.random.key(0), known, **dict(kw, num_classes=3))
+        LINEAR, LINEAR.params(encoder, three), x, jax.random.key(0), known,
+        smoothing, IRSParams(n_p=10), num_classes=3)

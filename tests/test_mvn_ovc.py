@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ovc_jax.certifiers import cached_ovc, mvn_ovc, standard
+from ovc_jax import certificates
+from ovc_jax import sampler
+from ovc_jax.certificates import SmoothingParams
+from ovc_jax.certifiers import cached_ovc, mvn_ovc
+from ovc_jax.certifiers.mvn_ovc import MVNParams
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError, InputError
 
@@ -32,8 +36,8 @@ def problem(seed):
 
 
 def cache_for(encoder, prompts, x, key, sigma, n):
-  draws = standard.sample_certification_draws(
-      LINEAR, {"encoder": encoder, "class_embeddings": prompts[0]}, x, key,
+  draws = sampler.sample_certification_draws(
+      LINEAR, LINEAR.params(encoder, prompts[0]), x, key,
       sigma=sigma, num_classes=C, n0=100, n=n, batch_size=10_000,
       outputs=("counts", "embeddings"))
   return cached_ovc.embeddings_from_draws(draws)
@@ -54,14 +58,15 @@ def test_counts_agree_with_cached_ovc_for_gaussian_embeddings(seed, sigma):
   cache = cache_for(encoder, prompts, x, key, sigma, n=100_000)
   fit = mvn_ovc.fit_gaussian(cache.estimation)
   exact = cached_ovc.certify_cached_many(cache, prompts, sigma=sigma)
-  approx = mvn_ovc.certify_mvn_many(fit, prompts, key, sigma=sigma, n0=100,
-                                    n=10_000, delta=0.0)
+  smoothing = SmoothingParams(sigma=sigma, n0=100, n=10_000)
+  approx = mvn_ovc.certify_mvn_many(fit, prompts, key, smoothing,
+                                    MVNParams(delta=0.0))
   for e, a in zip(exact, approx):
     assert counts_agree(e.counts, a.counts), (e.counts, a.counts)
   # The test can fail: a covariance twice too wide is caught.
   wrong = mvn_ovc.GaussianFit(fit.mean, fit.factor * 2.0)
-  wide = mvn_ovc.certify_mvn_many(wrong, prompts, key, sigma=sigma, n0=100,
-                                  n=10_000, delta=0.0)
+  wide = mvn_ovc.certify_mvn_many(wrong, prompts, key, smoothing,
+                                  MVNParams(delta=0.0))
   assert not all(counts_agree(e.counts, w.counts) for e, w in zip(exact, wide))
 
 
@@ -82,18 +87,26 @@ def test_margin_lowers_p_lower_by_delta():
   encoder, prompts, x = problem(4)
   key = jax.random.key(0)
   fit = mvn_ovc.fit_gaussian(cache_for(encoder, prompts, x, key, 0.25, 5000).estimation)
-  kw = dict(sigma=0.25, n0=100, n=5000)
-  base = mvn_ovc.certify_mvn(fit, prompts[1], key, delta=0.0, **kw)
-  lowered = mvn_ovc.certify_mvn(fit, prompts[1], key, delta=0.02, **kw)
+  smoothing = SmoothingParams(sigma=0.25, n0=100, n=5000)
+  base = mvn_ovc.certify_mvn(fit, prompts[1], key, smoothing,
+                             MVNParams(delta=0.0))
+  lowered = mvn_ovc.certify_mvn(fit, prompts[1], key, smoothing,
+                                MVNParams(delta=0.02))
   np.testing.assert_array_equal(base.counts, lowered.counts)
-  if lowered.prediction != standard.ABSTAIN:
+  if lowered.prediction != certificates.ABSTAIN:
     assert lowered.pA_lower == pytest.approx(base.pA_lower - 0.02)
     assert lowered.radius < base.radius
+  # with_margin turns the no-margin result into the margin result.
+  shifted = mvn_ovc.with_margin(base, 0.02, 0.25)
+  assert shifted.prediction == lowered.prediction
+  assert shifted.radius == pytest.approx(lowered.radius, abs=1e-12)
+  assert shifted.pA_lower == pytest.approx(lowered.pA_lower, abs=1e-12)
+  np.testing.assert_array_equal(shifted.counts, lowered.counts)
 
 
 def test_required_margin_and_calibration():
-  cert = lambda c, p, r: standard.Certificate(c, r, p, np.zeros(2))
-  exact = [cert(0, 0.80, 0.2), cert(standard.ABSTAIN, 0.4, 0.0),
+  cert = lambda c, p, r: certificates.Certificate(c, r, p, np.zeros(2))
+  exact = [cert(0, 0.80, 0.2), cert(certificates.ABSTAIN, 0.4, 0.0),
            cert(1, 0.9, 0.3), cert(0, 0.95, 0.4)]
   mvn = [cert(0, 0.83, 0.25), cert(0, 0.56, 0.03), cert(0, 0.7, 0.1),
          cert(0, 0.94, 0.39)]
@@ -112,12 +125,14 @@ def test_bad_margin(delta):
   encoder, prompts, x = problem(0)
   fit = mvn_ovc.GaussianFit(jnp.zeros(E), jnp.eye(E))
   with pytest.raises(ConfigError, match="margin"):
-    mvn_ovc.certify_mvn(fit, prompts[0], jax.random.key(0), sigma=0.5, n0=10,
-                        n=10, delta=delta)
+    mvn_ovc.certify_mvn(fit, prompts[0], jax.random.key(0),
+                        SmoothingParams(sigma=0.5, n0=10, n=10),
+                        MVNParams(delta=delta))
 
 
 def test_prompt_of_another_embedding_size():
   fit = mvn_ovc.GaussianFit(jnp.zeros(E), jnp.eye(E))
   with pytest.raises(InputError, match="embedding size"):
     mvn_ovc.certify_mvn(fit, jnp.ones((C, E + 2)), jax.random.key(0),
-                        sigma=0.5, n0=10, n=10, delta=0.0)
+                        SmoothingParams(sigma=0.5, n0=10, n=10),
+                        MVNParams(delta=0.0))

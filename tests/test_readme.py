@@ -24,7 +24,16 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_readme_python_example_runs(capsys):
   block, = re.findall(r"```python\n(.*?)\n```", _readme(), flags=re.S)
+  assert len(block.splitlines()) <= 25
   exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
-  prediction, radius, p_lower = capsys.readouterr().out.split()
-  assert int(prediction) in range(-1, 10)
-  assert float(radius) >= 0.0 and 0.0 <= float(p_lower) <= 1.0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("known ")
+  by_method = {line.split()[0]: line.split() for line in lines[1:]}
+  assert set(by_method) == {"standard", "irs", "cached", "mvn"}
+  from ovc_jax import toy_world  # pylint: disable=g-import-not-at-top
+  for method, (_, name, radius, approximate) in by_method.items():
+    assert name in toy_world.TOY_CLASSES or name == "abstain"
+    assert float(radius) >= 0.0
+    assert approximate == str(method == "mvn")
+  # Cached-OVC is standard RS, bit for bit.
+  assert by_method["cached"] == ["cached"] + by_method["standard"][1:]

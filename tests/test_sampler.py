@@ -168,3 +168,66 @@ def test_sharded_over_four_host_devices():
   assert sum(reference[0]) == 203
   for name, value in results.items():
     assert value == reference, name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_key_streams_are_pairwise_disjoint(seed):
+  ids = list(sampler.KEY_STREAMS.values())
+  assert len(set(ids)) == len(ids)
+  assert set(sampler.KEY_STREAMS) >= {"selection", "estimation", "prediction",
+                                      "gaussian"}
+  key = jax.random.key(seed)
+  m = 300
+  samples = {
+      name: np.asarray(sampler.standard_normal_samples(
+          sampler.stream_key(key, name), jnp.arange(m), (4,)))
+      for name in sampler.KEY_STREAMS}
+  # The named helpers are the same streams.
+  np.testing.assert_array_equal(samples["selection"], np.asarray(
+      sampler.standard_normal_samples(sampler.selection_key(key),
+                                      jnp.arange(m), (4,))))
+  np.testing.assert_array_equal(samples["estimation"], np.asarray(
+      sampler.standard_normal_samples(sampler.estimation_key(key),
+                                      jnp.arange(m), (4,))))
+  names = sorted(samples)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      # No sample of one stream equals any sample of another (a shared sample
+      # key would give an identical row).
+      same = np.all(samples[a][:, None] == samples[b][None], axis=-1)
+      assert not same.any(), (a, b)
+
+
+def test_unknown_key_stream():
+  with pytest.raises(ConfigError, match="unknown key stream"):
+    sampler.stream_key(jax.random.key(0), "selections")
+
+
+def _bincount_reference(preds, valid, num_classes):
+  preds = np.asarray(preds)
+  flat = preds.reshape(preds.shape[0], -1)
+  out = []
+  for p in range(flat.shape[1]):
+    col = flat[np.asarray(valid), p]
+    col = col[(col >= 0) & (col < num_classes)]
+    out.append(np.bincount(col, minlength=num_classes))
+  return np.stack(out).reshape(preds.shape[1:] + (num_classes,))
+
+
+@pytest.mark.parametrize("shape", [(40,), (40, 3)])
+def test_count_classes_equals_bincount(shape):
+  rng = np.random.default_rng(len(shape))
+  preds = rng.integers(-1, C + 1, size=shape)  # -1 and C are out of range
+  assert (preds == -1).any() and (preds == C).any()
+  valid = rng.random(shape[0]) < 0.7
+  got = np.asarray(jax.jit(sampler.count_classes, static_argnums=2)(
+      jnp.asarray(preds, jnp.int32), jnp.asarray(valid), C))
+  expected = _bincount_reference(preds, valid, C)
+  assert got.shape == shape[1:] + (C,)
+  np.testing.assert_array_equal(got, expected)
+  # All rows valid: every in-range prediction is counted.
+  all_valid = np.asarray(sampler.count_classes(
+      jnp.asarray(preds, jnp.int32), jnp.ones(shape[0], bool), C))
+  np.testing.assert_array_equal(
+      all_valid, _bincount_reference(preds, np.ones(shape[0], bool), C))
+  assert all_valid.sum() == np.sum((preds >= 0) & (preds < C))

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ovc_jax import certificates
 from ovc_jax import sampler
+from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers import standard
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError, InputError
@@ -49,9 +51,10 @@ def _failure_bound(alpha, trials):
 
 
 def _certify_many_keys(params, x, sigma, num_classes, trials, n, alpha):
-  return [standard.certify(LINEAR, params, x, jax.random.key(seed), sigma=sigma,
-                           num_classes=num_classes, n0=100, n=n, alpha=alpha,
-                           batch_size=n)
+  smoothing = SmoothingParams(sigma=sigma, n0=100, n=n, alpha=alpha,
+                              batch_size=n)
+  return [standard.certify(LINEAR, params, x, jax.random.key(seed), smoothing,
+                           num_classes=num_classes)
           for seed in range(trials)]
 
 
@@ -60,7 +63,7 @@ def test_two_class_soundness_over_2000_keys():
   params, x, p_a = linear_problem([1.2], sigma)
   true_radius = 1.2 * sigma
   certs = _certify_many_keys(params, x, sigma, 2, trials, n=1000, alpha=alpha)
-  wrong = [c.prediction not in (0, standard.ABSTAIN) or c.radius > true_radius
+  wrong = [c.prediction not in (0, certificates.ABSTAIN) or c.radius > true_radius
            for c in certs]
   rate = np.mean(wrong)
   assert rate <= _failure_bound(alpha, trials), rate
@@ -80,7 +83,7 @@ def test_multiclass_soundness_over_2000_keys():
   # Cohen's radius at the exact pA: a lower bound on the true robust radius.
   exact_radius = sigma * stats.norm.ppf(p_a)
   certs = _certify_many_keys(params, x, sigma, 4, trials, n=1000, alpha=alpha)
-  wrong = [c.prediction not in (0, standard.ABSTAIN) or c.radius > exact_radius
+  wrong = [c.prediction not in (0, certificates.ABSTAIN) or c.radius > exact_radius
            for c in certs]
   assert np.mean(wrong) <= _failure_bound(alpha, trials), np.mean(wrong)
   mean_freq = np.mean([c.counts[0] / 1000 for c in certs])
@@ -90,9 +93,10 @@ def test_multiclass_soundness_over_2000_keys():
 def test_large_n_radius_within_one_percent_of_true_radius():
   sigma = 0.5
   params, x, _ = linear_problem([1.5], sigma)
-  cert = standard.certify(LINEAR, params, x, jax.random.key(7), sigma=sigma,
-                          num_classes=2, n0=100, n=1_000_000, alpha=0.001,
-                          batch_size=100_000)
+  cert = standard.certify(
+      LINEAR, params, x, jax.random.key(7),
+      SmoothingParams(sigma=sigma, n0=100, n=1_000_000, alpha=0.001,
+                      batch_size=100_000), num_classes=2)
   true_radius = 1.5 * sigma
   assert cert.prediction == 0
   assert cert.radius <= true_radius
@@ -102,25 +106,26 @@ def test_large_n_radius_within_one_percent_of_true_radius():
 def test_abstains_when_no_class_dominates():
   sigma = 1.0
   params, x, _ = linear_problem([0.0], sigma)  # x on the boundary: pA = 0.5
-  cert = standard.certify(LINEAR, params, x, jax.random.key(0), sigma=sigma,
-                          num_classes=2, n0=100, n=2000, alpha=0.001,
-                          batch_size=500)
-  assert cert.prediction == standard.ABSTAIN and cert.radius == 0.0
+  cert = standard.certify(
+      LINEAR, params, x, jax.random.key(0),
+      SmoothingParams(sigma=sigma, n0=100, n=2000, alpha=0.001,
+                      batch_size=500), num_classes=2)
+  assert cert.prediction == certificates.ABSTAIN and cert.radius == 0.0
 
 
 def test_predict_errs_at_most_alpha():
   sigma, alpha, trials = 0.5, 0.01, 1000
   params, x, _ = linear_problem([0.1], sigma)  # pA = 0.54: often abstains
+  smoothing = SmoothingParams(sigma=sigma, n=500, alpha=alpha, batch_size=500)
   wrong = []
   for seed in range(trials):
-    p = standard.predict(LINEAR, params, x, jax.random.key(seed), sigma=sigma,
-                         num_classes=2, n=500, alpha=alpha, batch_size=500)
+    p = standard.predict(LINEAR, params, x, jax.random.key(seed), smoothing,
+                         num_classes=2)
     wrong.append(p == 1)
   assert np.mean(wrong) <= _failure_bound(alpha, trials)
   params, x, _ = linear_problem([2.0], sigma)
-  assert standard.predict(LINEAR, params, x, jax.random.key(0), sigma=sigma,
-                          num_classes=2, n=500, alpha=alpha,
-                          batch_size=500) == 0
+  assert standard.predict(LINEAR, params, x, jax.random.key(0), smoothing,
+                          num_classes=2) == 0
 
 
 def test_certify_many_equals_certify_alone():
@@ -129,14 +134,15 @@ def test_certify_many_equals_certify_alone():
          "c": jnp.zeros(5, jnp.float32)}
   prompts = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
   x = jnp.asarray(rng.normal(size=D), jnp.float32)
-  kw = dict(sigma=0.3, num_classes=4, n0=50, n=300, alpha=0.01, batch_size=64)
+  smoothing = SmoothingParams(sigma=0.3, n0=50, n=300, alpha=0.01,
+                              batch_size=64)
   many = standard.certify_many(
-      LINEAR, {"encoder": enc, "class_embeddings": prompts}, x,
-      jax.random.key(1), **kw)
+      LINEAR, EmbeddingClassifier.params(enc, prompts), x,
+      jax.random.key(1), smoothing, num_classes=4)
   for p, cert in enumerate(many):
     alone = standard.certify(
-        LINEAR, {"encoder": enc, "class_embeddings": prompts[p]}, x,
-        jax.random.key(1), **kw)
+        LINEAR, EmbeddingClassifier.params(enc, prompts[p]), x,
+        jax.random.key(1), smoothing, num_classes=4)
     assert alone.prediction == cert.prediction
     assert alone.radius == cert.radius
     np.testing.assert_array_equal(alone.counts, cert.counts)
@@ -154,11 +160,11 @@ def test_selection_and_estimation_streams_are_disjoint():
 def test_jax_certificate_matches_scipy():
   counts0 = np.array([[90, 10, 0], [40, 30, 30], [0, 100, 0]])
   counts = np.array([[950, 50, 0], [400, 300, 300], [0, 990, 10]])
-  pred, radius, p_lower = jax.jit(standard.certificate_from_counts_jax)(
+  pred, radius, p_lower = jax.jit(certificates.certificate_from_counts_jax)(
       counts0, counts, 0.25, 0.001)
   for i in range(3):
-    ref = standard.certificate_from_counts(counts0[i], counts[i], sigma=0.25,
-                                           alpha=0.001)
+    ref = certificates.certificate_from_counts(counts0[i], counts[i],
+                                               sigma=0.25, alpha=0.001)
     assert int(pred[i]) == ref.prediction
     np.testing.assert_allclose(float(radius[i]), ref.radius, atol=1e-4)
     np.testing.assert_allclose(float(p_lower[i]), ref.pA_lower, atol=1e-5)
@@ -175,10 +181,11 @@ def test_jax_certificate_matches_scipy():
 ])
 def test_bad_arguments(bad, error, message):
   params, x, _ = linear_problem([1.0], 0.5)
-  kw = dict(sigma=0.5, num_classes=2, n0=10, n=10, alpha=0.01, batch_size=5)
+  kw = dict(sigma=0.5, n0=10, n=10, alpha=0.01, batch_size=5)
   kw.update(bad)
   with pytest.raises(error, match=message):
-    standard.certify(LINEAR, params, x, jax.random.key(0), **kw)
+    standard.certify(LINEAR, params, x, jax.random.key(0),
+                     SmoothingParams(**kw), num_classes=2)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -186,5 +193,16 @@ def test_non_finite_input(value):
   params, x, _ = linear_problem([1.0], 0.5)
   x = x.at[3].set(value)
   with pytest.raises(InputError, match="NaN or infinite"):
-    standard.certify(LINEAR, params, x, jax.random.key(0), sigma=0.5,
-                     num_classes=2, n0=10, n=10)
+    standard.certify(LINEAR, params, x, jax.random.key(0),
+                     SmoothingParams(sigma=0.5, n0=10, n=10), num_classes=2)
+
+
+def test_num_classes_that_disagrees_with_the_class_matrix():
+  params, x, _ = linear_problem([1.0], 0.5)
+  with pytest.raises(ConfigError, match="the class counts differ"):
+    standard.certify(LINEAR, params, x, jax.random.key(0),
+                     SmoothingParams(sigma=0.5, n0=10, n=10), num_classes=3)
+  # By default the count is the classifier's own.
+  default = standard.certify(LINEAR, params, x, jax.random.key(0),
+                             SmoothingParams(sigma=0.5, n0=10, n=10))
+  assert default.counts.shape == (2,)

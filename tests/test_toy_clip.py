@@ -16,12 +16,19 @@ import jax
 import numpy as np
 import pytest
 
+from ovc_jax import classifiers
 from ovc_jax import datasets
 from ovc_jax import preprocessing
 from ovc_jax import toy_world
 from ovc_jax import zeroshot
 from ovc_jax.models import load_clip
 from ovc_jax.models import weights_io
+
+def _predict(z, class_embeddings):
+  """The zero-shot classifier's predictions (as `EmbeddingClassifier`'s)."""
+  return np.asarray(classifiers.predict_from_embeddings(
+      classifiers.l2_normalize(z), class_embeddings))
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CLIP = os.path.join(REPO, "checkpoints", "toy_clip")
@@ -58,7 +65,7 @@ def test_committed_model_reproduces_recorded_zero_shot_accuracy(record,
   metrics = record["metrics"]
   template = metrics["template"]
   u = zeroshot.class_embeddings(loaded, template, toy_world.TOY_CLASSES)
-  correct = int(np.sum(np.asarray(zeroshot.zero_shot_predict(z, u)) == labels))
+  correct = int(np.sum(_predict(z, u) == labels))
   assert abs(correct - metrics["zero_shot_num_correct"]) <= PREDICTION_FLIPS_ALLOWED
   assert metrics["num_images"] == len(labels) == 1000
 
@@ -66,7 +73,7 @@ def test_committed_model_reproduces_recorded_zero_shot_accuracy(record,
   per_template = metrics["per_template"]
   stacked = zeroshot.stack_prompts(loaded, list(per_template),
                                    toy_world.TOY_CLASSES)
-  predictions = np.asarray(zeroshot.zero_shot_predict(z, stacked))  # [N, T]
+  predictions = _predict(z, stacked)  # [N, T]
   for t, (name, entry) in enumerate(per_template.items()):
     got = int(np.sum(predictions[:, t] == labels))
     assert abs(got - entry["num_correct"]) <= PREDICTION_FLIPS_ALLOWED, name
@@ -144,13 +151,13 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_template_captions_are_true_of_their_images():
+  from ovc_jax import toy_clip
   from ovc_jax.toy_world import captions as captions_lib
-  from ovc_jax.toy_world import training
   images, texts, labels, attributes = toy_world.sample_batch((3, 0), 200)
   del images
-  assert training.with_template_captions(
+  assert toy_clip.with_template_captions(
       np.random.default_rng(0), texts, labels, attributes, 0.0) == texts
-  replaced = training.with_template_captions(
+  replaced = toy_clip.with_template_captions(
       np.random.default_rng(0), texts, labels, attributes, 1.0)
   matches = captions_lib.template_matches(attributes)
   for i, caption in enumerate(replaced):
@@ -161,10 +168,10 @@ def test_template_captions_are_true_of_their_images():
                  if t.format(toy_world.TOY_CLASSES[labels[i]]) == caption]
     assert templates, caption
     assert any(matches[i, toy_world.TOY_TEMPLATES.index(t)] for t in templates)
-  half = training.with_template_captions(
+  half = toy_clip.with_template_captions(
       np.random.default_rng(0), texts, labels, attributes, 0.5)
   changed = np.mean([a != b for a, b in zip(half, texts)])
   assert 0.3 < changed < 0.7
   with pytest.raises(Exception, match="fraction"):
-    training.with_template_captions(np.random.default_rng(0), texts, labels,
+    toy_clip.with_template_captions(np.random.default_rng(0), texts, labels,
                                     attributes, 1.5)

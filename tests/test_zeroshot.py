@@ -1,4 +1,9 @@
-"""Zero-shot class embeddings, prompt ensembles and predictions."""
+"""Zero-shot class embeddings, prompt ensembles and predictions.
+
+The predictions are `classifiers.predict_from_embeddings` on the normalised
+image embeddings; `zero_shot_logits` / `zero_shot_predict` below are that
+composition with shape checks, as test helpers.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +11,7 @@ import numpy as np
 import pytest
 
 from ovc_jax import zeroshot
+from ovc_jax.classifiers import l2_normalize, predict_from_embeddings, prompt_logits
 from ovc_jax.errors import ConfigError, InputError
 from ovc_jax.models import (CLIPConfig, ClipModel, ClipTokenizer, LoadedClip,
                             TextConfig, VisionConfig)
@@ -19,6 +25,30 @@ CONFIG = CLIPConfig(
                     heads=2, mlp_dim=32, eos_token_id=31, pooling="eos"))
 CLASSES = ["cat", "dog", "bird", "frog", "horse", "ship", "truck"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "itap of a {}."]
+
+
+def _check_embeddings(image_embeddings, class_matrix):
+  if image_embeddings.ndim != 2:
+    raise InputError(f"image embeddings must be [B, d]; got {image_embeddings.shape}")
+  if class_matrix.ndim not in (2, 3):
+    raise InputError(f"class embeddings must be [C, d] or [P, C, d]; got "
+                     f"{class_matrix.shape}")
+  if image_embeddings.shape[-1] != class_matrix.shape[-1]:
+    raise InputError(
+        f"image embeddings have dimension {image_embeddings.shape[-1]} but the "
+        f"class embeddings {class_matrix.shape[-1]}")
+
+
+def zero_shot_logits(image_embeddings, class_matrix):
+  """U z, z the L2-normalised image embedding: `[B, C]` or `[B, P, C]`."""
+  _check_embeddings(image_embeddings, class_matrix)
+  return prompt_logits(l2_normalize(image_embeddings), class_matrix)
+
+
+def zero_shot_predict(image_embeddings, class_matrix):
+  """argmax_c (U z)[c]: int32 `[B]` or `[B, P]`."""
+  _check_embeddings(image_embeddings, class_matrix)
+  return predict_from_embeddings(l2_normalize(image_embeddings), class_matrix)
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +103,52 @@ def test_stack_and_ensemble(loaded):
   np.testing.assert_allclose(jnp.linalg.norm(ensemble, axis=-1), 1.0, atol=1e-6)
 
 
+def test_text_tower_and_stacked_ensemble_match_loaded_clip(loaded):
+  tower = zeroshot.TextTower(loaded.model, loaded.params, loaded.tokenizer)
+  np.testing.assert_array_equal(
+      zeroshot.class_embeddings(tower, TEMPLATES[0], CLASSES),
+      zeroshot.class_embeddings(loaded, TEMPLATES[0], CLASSES))
+  np.testing.assert_array_equal(
+      zeroshot.ensemble(zeroshot.stack_prompts(tower, TEMPLATES, CLASSES)),
+      zeroshot.ensemble_class_embeddings(loaded, TEMPLATES, CLASSES))
+
+
+def test_embed_in_batches_pads_and_drops_the_last_batch():
+  x = np.arange(14, dtype=np.float32).reshape(7, 2)
+  shapes = []
+
+  def double(batch):
+    shapes.append(batch.shape)
+    return jnp.asarray(batch) * 2
+
+  out = zeroshot.embed_in_batches(double, x, 3)
+  np.testing.assert_array_equal(out, x * 2)
+  assert shapes == [(3, 2)] * 3  # One compiled shape.
+
+
 def test_logits_and_predictions(loaded):
   u = zeroshot.class_embeddings(loaded, TEMPLATES[0], CLASSES)
   z = jax.random.normal(jax.random.key(3), (5, 16)) * 7.0  # Not normalised.
-  logits = zeroshot.zero_shot_logits(z, u)
+  logits = zero_shot_logits(z, u)
   zn = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
   np.testing.assert_allclose(logits, zn @ u.T, atol=1e-5)
   assert float(jnp.abs(logits).max()) <= 1.0 + 1e-5  # Cosine similarities.
-  pred = zeroshot.zero_shot_predict(z, u)
+  pred = zero_shot_predict(z, u)
   assert pred.dtype == jnp.int32
   np.testing.assert_array_equal(pred, jnp.argmax(zn @ u.T, axis=-1))
   # Several prompts at once: [B, P].
   stacked = zeroshot.stack_prompts(loaded, TEMPLATES, CLASSES)
-  preds = zeroshot.zero_shot_predict(z, stacked)
+  preds = zero_shot_predict(z, stacked)
   assert preds.shape == (5, len(TEMPLATES))
   np.testing.assert_array_equal(preds[:, 1],
-                                zeroshot.zero_shot_predict(z, stacked[1]))
+                                zero_shot_predict(z, stacked[1]))
 
 
 def test_image_embeddings_to_prediction_end_to_end(loaded):
   images = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
   z = loaded.model.embed_images_checked(loaded.params, images)
   u = zeroshot.ensemble_class_embeddings(loaded, TEMPLATES, CLASSES)
-  pred = zeroshot.zero_shot_predict(z, u)
+  pred = zero_shot_predict(z, u)
   assert pred.shape == (2,) and 0 <= int(pred.min()) <= int(pred.max()) < 7
 
 
@@ -129,6 +182,6 @@ def test_template_and_class_errors(loaded):
 def test_embedding_shape_errors(loaded):
   u = zeroshot.class_embeddings(loaded, TEMPLATES[0], CLASSES)
   with pytest.raises(InputError, match="dimension 8"):
-    zeroshot.zero_shot_predict(jnp.ones((2, 8)), u)
+    zero_shot_predict(jnp.ones((2, 8)), u)
   with pytest.raises(InputError, match=r"\[B, d\]"):
-    zeroshot.zero_shot_logits(jnp.ones((8,)), u)
+    zero_shot_logits(jnp.ones((8,)), u)

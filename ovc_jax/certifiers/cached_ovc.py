@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ovc_jax.certifiers import standard
+from ovc_jax import certificates
+from ovc_jax import sampler
+from ovc_jax.certificates import Certificate
 from ovc_jax.classifiers import predict_from_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
@@ -38,7 +39,7 @@ class EmbeddingDraws(NamedTuple):
   estimation: jax.Array  # [n, d]
 
 
-def embeddings_from_draws(draws: standard.Draws) -> EmbeddingDraws:
+def embeddings_from_draws(draws: sampler.Draws) -> EmbeddingDraws:
   """The embeddings kept by a standard certification run with "embeddings"."""
   return EmbeddingDraws(draws.selection["embeddings"],
                         draws.estimation["embeddings"])
@@ -55,9 +56,7 @@ def _count(embeddings, class_embeddings, *, num_classes, batch_size):
   def add_chunk(counts, c):
     preds = predict_from_embeddings(chunks[c], class_embeddings)
     valid = (c * chunk + jnp.arange(chunk)) < m
-    one_hot = jax.nn.one_hot(preds, num_classes, dtype=jnp.int32)
-    valid = valid.reshape((chunk,) + (1,) * (one_hot.ndim - 1))
-    return counts + jnp.sum(jnp.where(valid, one_hot, 0), axis=0), None
+    return counts + sampler.count_classes(preds, valid, num_classes), None
 
   counts0 = jnp.zeros(class_embeddings.shape[:-2] + (num_classes,), jnp.int32)
   counts, _ = jax.lax.scan(add_chunk, counts0, jnp.arange(num_chunks))
@@ -87,26 +86,25 @@ def count_predictions(embeddings: jax.Array, class_embeddings: jax.Array, *,
 
 
 def certify_cached_many(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
-                        sigma: float, alpha: float = standard.DEFAULT_ALPHA,
-                        batch_size: int = 10_000) -> list[standard.Certificate]:
+                        sigma: float, alpha: float = certificates.DEFAULT_ALPHA,
+                        batch_size: int = 10_000) -> list[Certificate]:
   """Certificates of P prompts (U [P, C, d]) from one read of the cache."""
   if not 0.0 < alpha < 1.0:
     raise ConfigError(f"alpha must lie in (0, 1); got {alpha}")
   class_embeddings = jnp.asarray(class_embeddings)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
-  counts0, counts = jax.device_get((
+  return certificates.certificates_from_counts(
       count_predictions(cache.selection, class_embeddings,
                         batch_size=batch_size),
       count_predictions(cache.estimation, class_embeddings,
-                        batch_size=batch_size)))
-  return [standard.certificate_from_counts(c0, c, sigma=sigma, alpha=alpha)
-          for c0, c in zip(np.asarray(counts0), np.asarray(counts))]
+                        batch_size=batch_size),
+      sigma=sigma, alpha=alpha)
 
 
 def certify_cached(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
-                   sigma: float, alpha: float = standard.DEFAULT_ALPHA,
-                   batch_size: int = 10_000) -> standard.Certificate:
+                   sigma: float, alpha: float = certificates.DEFAULT_ALPHA,
+                   batch_size: int = 10_000) -> Certificate:
   """The certificate of one prompt (U [C, d]); no image-encoder pass."""
   if jnp.ndim(class_embeddings) != 2:
     raise InputError("certify_cached takes one prompt's [C, d] class matrix; "

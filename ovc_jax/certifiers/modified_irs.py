@@ -30,17 +30,42 @@ prompts, at the cost of n0 forward passes that a fallback needs anyway.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from ovc_jax import bounds
+from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.certifiers import standard
+from ovc_jax.certificates import Certificate, SmoothingParams
 from ovc_jax.errors import ConfigError
 
 DEFAULT_GAMMA = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class IRSParams:
+  """Modified-IRS's own numbers.
+
+  Attributes:
+    n_p: probe draws, the first n_p of the n estimation draws.
+    gamma: reuse the known certificate only if zeta <= gamma.
+    alpha_zeta: confidence parameter of zeta (None: the certificate's alpha).
+  """
+
+  n_p: int
+  gamma: float = DEFAULT_GAMMA
+  alpha_zeta: float | None = None
+
+  def zeta_alpha(self, smoothing: SmoothingParams) -> float:
+    return smoothing.alpha if self.alpha_zeta is None else self.alpha_zeta
+
+  def check(self, smoothing: SmoothingParams) -> None:
+    """Raises ConfigError where these do not fit the smoothing parameters."""
+    check_irs_args(n=smoothing.n, n_p=self.n_p, gamma=self.gamma,
+                   alpha_zeta=self.zeta_alpha(smoothing))
 
 
 class KnownPrompts(NamedTuple):
@@ -67,7 +92,7 @@ class IRSResult(NamedTuple):
     forward_passes: image-encoder evaluations this certification took.
   """
 
-  certificate: standard.Certificate
+  certificate: Certificate
   irs_applied: bool
   known_index: int
   disagreements: int
@@ -83,45 +108,54 @@ def default_num_probe_draws(n: int) -> int:
 
 def check_irs_args(*, n: int, n_p: int, gamma: float, alpha_zeta: float) -> None:
   if not isinstance(n_p, (int, np.integer)) or n_p < 1:
-    raise ConfigError(f"n_p must be an integer >= 1; got {n_p}")
+    raise ConfigError(f"irs.n_p must be an integer >= 1; got {n_p}")
   if n_p > n:
-    raise ConfigError(f"n_p ({n_p}) cannot exceed n ({n}): the probe draws are "
-                      "the first n_p of the n estimation draws")
+    raise ConfigError(f"irs.n_p ({n_p}) cannot exceed n ({n}): the probe draws "
+                      "are the first n_p of the n estimation draws")
   if not 0.0 <= gamma < 1.0:
-    raise ConfigError(f"gamma must lie in [0, 1); got {gamma}")
+    raise ConfigError(f"irs.gamma must lie in [0, 1); got {gamma}")
   if not 0.0 < alpha_zeta < 1.0:
-    raise ConfigError(f"alpha_zeta must lie in (0, 1); got {alpha_zeta}")
+    raise ConfigError(f"irs.alpha_zeta must lie in (0, 1); got {alpha_zeta}")
 
 
-def certify_known(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-                  key: jax.Array, *, sigma: float, num_classes: int, n0: int,
-                  n: int, alpha: float, n_p: int, batch_size: int,
-                  mesh=None) -> tuple[list[standard.Certificate], KnownPrompts]:
-  """Certifies P known prompts (params["class_embeddings"] [P, C, d]) at once.
-
-  Returns their certificates (each identical to certifying that prompt alone
-  with the key) and the KnownPrompts record Modified-IRS needs.
-  """
-  standard.check_certify_args(sigma=sigma, n0=n0, n=n, alpha=alpha,
-                              batch_size=batch_size)
-  check_irs_args(n=n, n_p=n_p, gamma=0.0, alpha_zeta=0.5)
-  class_embeddings = params["class_embeddings"]
-  if class_embeddings.ndim != 3:
-    raise ConfigError("known prompts must be stacked as [P, C, d]")
-  x = sampler.check_input(x)
-  draws = standard.sample_certification_draws(
-      apply_fn, params, x, key, sigma=sigma, num_classes=num_classes, n0=n0,
-      n=n, batch_size=batch_size, outputs=("counts", "predictions"), mesh=mesh)
-  certs = standard.certificates_from_draws(draws, sigma=sigma, alpha=alpha)
+def known_prompts_from_draws(draws: sampler.Draws, certs: list[Certificate],
+                             class_embeddings: jax.Array,
+                             n_p: int) -> KnownPrompts:
+  """The KnownPrompts record of P prompts certified together on `draws`
+  (which hold "predictions" [m, P])."""
   sel, est = jax.device_get((draws.selection["predictions"],
                              draws.estimation["predictions"][:n_p]))
-  known = KnownPrompts(
+  return KnownPrompts(
       selection_predictions=np.asarray(sel),
       estimation_predictions=np.asarray(est),
       predictions=np.array([c.prediction for c in certs]),
       p_lower=np.array([c.pA_lower for c in certs]),
       class_embeddings=np.asarray(jax.device_get(class_embeddings)))
-  return certs, known
+
+
+def certify_known(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
+                  key: jax.Array, smoothing: SmoothingParams, n_p: int, *,
+                  num_classes: int | None = None,
+                  mesh=None) -> tuple[list[Certificate], KnownPrompts]:
+  """Certifies P known prompts (a class matrix [P, C, d]) at once.
+
+  Returns their certificates (each identical to certifying that prompt alone
+  with the key) and the KnownPrompts record Modified-IRS needs.
+  """
+  check_irs_args(n=smoothing.n, n_p=n_p, gamma=0.0, alpha_zeta=0.5)
+  class_embeddings = apply_fn.class_embeddings(params)
+  if class_embeddings.ndim != 3:
+    raise ConfigError("known prompts must be stacked as [P, C, d]")
+  x = sampler.check_input(x)
+  draws = sampler.sample_certification_draws(
+      apply_fn, params, x, key, sigma=smoothing.sigma,
+      num_classes=sampler.num_classes_of(apply_fn, params, num_classes),
+      n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
+      outputs=("counts", "predictions"), mesh=mesh)
+  certs = certificates.certificates_from_counts(
+      draws.selection["counts"], draws.estimation["counts"],
+      sigma=smoothing.sigma, alpha=smoothing.alpha)
+  return certs, known_prompts_from_draws(draws, certs, class_embeddings, n_p)
 
 
 def prompt_similarity(novel: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -144,34 +178,30 @@ def choose_known_prompt(selection_predictions: np.ndarray,
 
 
 def certify_novel(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-                  key: jax.Array, known: KnownPrompts, *, sigma: float,
-                  num_classes: int, n0: int, n: int, alpha: float, n_p: int,
-                  gamma: float = DEFAULT_GAMMA, alpha_zeta: float | None = None,
-                  batch_size: int, mesh=None) -> IRSResult:
-  """Modified-IRS for one novel prompt (params["class_embeddings"] [C, d]).
+                  key: jax.Array, known: KnownPrompts,
+                  smoothing: SmoothingParams, irs: IRSParams, *,
+                  num_classes: int | None = None, mesh=None) -> IRSResult:
+  """Modified-IRS for one novel prompt (a class matrix [C, d]).
 
   Args:
     apply_fn, params, x, key: the novel prompt's base classifier and the
       input with the key its known prompts were certified with.
     known: what certifying the known prompts left.
-    sigma, num_classes, n0, n, alpha: as in CERTIFY (for the fallback, and n0
-      must equal the known prompts' n0).
-    n_p: probe draws (<= the n_p the known prompts kept).
-    gamma: reuse the known certificate only if zeta <= gamma.
-    alpha_zeta: confidence parameter of zeta (default: alpha).
-    batch_size, mesh: as in the sampler.
+    smoothing: as in CERTIFY (for the fallback; n0 must equal the known
+      prompts' n0).
+    irs: n_p (<= the n_p the known prompts kept), gamma and alpha_zeta.
+    num_classes, mesh: as in `standard.certify`.
   """
-  alpha_zeta = alpha if alpha_zeta is None else alpha_zeta
-  standard.check_certify_args(sigma=sigma, n0=n0, n=n, alpha=alpha,
-                              batch_size=batch_size)
-  check_irs_args(n=n, n_p=n_p, gamma=gamma, alpha_zeta=alpha_zeta)
+  alpha_zeta = irs.zeta_alpha(smoothing)
+  irs.check(smoothing)
+  n0, n_p = smoothing.n0, irs.n_p
   if known.selection_predictions.shape[0] != n0:
     raise ConfigError(f"the known prompts were certified with n0 = "
                       f"{known.selection_predictions.shape[0]}, not {n0}")
   if known.estimation_predictions.shape[0] < n_p:
     raise ConfigError(f"the known prompts kept {known.estimation_predictions.shape[0]} "
-                      f"probe predictions; n_p = {n_p} needs more")
-  class_embeddings = params["class_embeddings"]
+                      f"probe predictions; irs.n_p = {n_p} needs more")
+  class_embeddings = apply_fn.class_embeddings(params)
   if class_embeddings.ndim != 2:
     raise ConfigError("certify_novel takes one novel prompt's [C, d] matrix")
   if class_embeddings.shape != known.class_embeddings.shape[1:]:
@@ -180,40 +210,38 @@ def certify_novel(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
         f"not match the known prompts' {known.class_embeddings.shape[1:]} "
         "(different class count?)")
   x = sampler.check_input(x)
-  common = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes,
-                mesh=mesh)
-  selection = sampler.sample_under_noise(
-      apply_fn, params, x, sampler.selection_key(key), num_samples=n0,
-      outputs=("counts", "predictions"), **common)
-  probe = sampler.sample_under_noise(
-      apply_fn, params, x, sampler.estimation_key(key), num_samples=n_p,
-      outputs=("counts", "predictions"), **common)
-  selection, probe = jax.device_get((selection, probe))
+  num_classes = sampler.num_classes_of(apply_fn, params, num_classes)
+
+  def draw(stream, num_samples, outputs, first_index=0):
+    return sampler.sample_under_noise(
+        apply_fn, params, x, sampler.stream_key(key, stream),
+        num_samples=num_samples, sigma=smoothing.sigma,
+        batch_size=smoothing.batch_size, num_classes=num_classes,
+        outputs=outputs, mesh=mesh, first_index=first_index)
+
+  selection, probe = jax.device_get((
+      draw("selection", n0, ("counts", "predictions")),
+      draw("estimation", n_p, ("counts", "predictions"))))
   t_hat = choose_known_prompt(np.asarray(selection["predictions"]), known,
                               np.asarray(jax.device_get(class_embeddings)))
   d = int(np.sum(np.asarray(probe["predictions"])
                  != known.estimation_predictions[:n_p, t_hat]))
   zeta = float(bounds.clopper_pearson_upper(d, n_p, alpha_zeta))
+  counts = np.asarray(probe["counts"], np.int64)
 
-  if zeta <= gamma:
-    p = float(known.p_lower[t_hat]) - zeta
-    c_a = int(known.predictions[t_hat])
-    counts = np.asarray(probe["counts"], np.int64)
-    if c_a != standard.ABSTAIN and p > 0.5:
-      cert = standard.Certificate(
-          c_a, standard.radius_from_lower_bound(p, sigma), p, counts)
-    else:
-      cert = standard.Certificate(standard.ABSTAIN, 0.0, max(p, 0.0), counts)
-    return IRSResult(cert, True, t_hat, d, zeta, 1.0 - alpha - alpha_zeta,
-                     n0 + n_p)
+  if zeta <= irs.gamma:
+    cert = certificates.certificate_from_lower_bound(
+        int(known.predictions[t_hat]), float(known.p_lower[t_hat]) - zeta,
+        counts, smoothing.sigma)
+    return IRSResult(cert, True, t_hat, d, zeta,
+                     1.0 - smoothing.alpha - alpha_zeta, n0 + n_p)
 
   # Fallback: the rest of the estimation stream, then CERTIFY's last lines.
-  counts = np.asarray(probe["counts"], np.int64)
-  if n > n_p:
-    rest = sampler.sample_under_noise(
-        apply_fn, params, x, sampler.estimation_key(key),
-        num_samples=n - n_p, first_index=n_p, outputs=("counts",), **common)
+  if smoothing.n > n_p:
+    rest = draw("estimation", smoothing.n - n_p, ("counts",), first_index=n_p)
     counts = counts + np.asarray(jax.device_get(rest["counts"]), np.int64)
-  cert = standard.certificate_from_counts(
-      selection["counts"], counts, sigma=sigma, alpha=alpha)
-  return IRSResult(cert, False, t_hat, d, zeta, 1.0 - alpha, n0 + n)
+  cert = certificates.certificate_from_counts(
+      selection["counts"], counts, sigma=smoothing.sigma,
+      alpha=smoothing.alpha)
+  return IRSResult(cert, False, t_hat, d, zeta, 1.0 - smoothing.alpha,
+                   n0 + smoothing.n)

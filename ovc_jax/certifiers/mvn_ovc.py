@@ -24,11 +24,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.certifiers import standard
+from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
 from ovc_jax.errors import ConfigError, InputError
 
 APPROXIMATE_NOTE = "MVN-OVC: approximate, not a certificate"
+DEFAULT_DELTA = 0.025
+
+
+@dataclasses.dataclass(frozen=True)
+class MVNParams:
+  """MVN-OVC's own numbers, checked on construction.
+
+  Attributes:
+    delta: margin subtracted from pA_lower before the radius.
+    batch_size: latent samples evaluated at once.
+  """
+
+  delta: float = DEFAULT_DELTA
+  batch_size: int = 10_000
+
+  def __post_init__(self):
+    check_margin(self.delta)
+    if (not isinstance(self.batch_size, (int, np.integer))
+        or self.batch_size < 1):
+      raise ConfigError(f"the MVN batch size must be an integer >= 1; got "
+                        f"{self.batch_size}")
 
 
 class GaussianFit(NamedTuple):
@@ -76,11 +98,6 @@ class GaussianLogitClassifier:
     return {"predictions": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
 
 
-def gaussian_key(key: jax.Array) -> jax.Array:
-  """Key of MVN-OVC's latent draws; disjoint from the image-noise streams."""
-  return jax.random.fold_in(key, 3)
-
-
 @jax.jit
 def _logit_params(fit: GaussianFit, class_embeddings: jax.Array):
   hi = jax.lax.Precision.HIGHEST
@@ -96,23 +113,17 @@ def check_margin(delta: float) -> None:
 
 
 def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
-                     key: jax.Array, *, sigma: float, n0: int, n: int,
-                     alpha: float = standard.DEFAULT_ALPHA, delta: float,
-                     batch_size: int = 10_000) -> list[standard.Certificate]:
+                     key: jax.Array, smoothing: SmoothingParams,
+                     mvn: MVNParams = MVNParams()) -> list[Certificate]:
   """Approximate certificates of P prompts (U [P, C, d]); see module doc.
 
   Args:
-    fit: the input's Gaussian fit at this sigma.
+    fit: the input's Gaussian fit at smoothing.sigma.
     class_embeddings: `[C, d]` or `[P, C, d]`.
-    key: the input's key (the latent draws use `gaussian_key(key)`).
-    sigma: the image noise level the fit was made at (scales the radius).
-    n0, n, alpha: as in CERTIFY.
-    delta: margin subtracted from pA_lower before the radius.
-    batch_size: latent samples evaluated at once.
+    key: the input's key (the latent draws use its "gaussian" stream).
+    smoothing: sigma (scales the radius), n0, n and alpha as in CERTIFY.
+    mvn: the margin delta and the latent batch size.
   """
-  standard.check_certify_args(sigma=sigma, n0=n0, n=n, alpha=alpha,
-                              batch_size=batch_size)
-  check_margin(delta)
   class_embeddings = jnp.asarray(class_embeddings, jnp.float32)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
@@ -122,28 +133,34 @@ def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
         f"fit's embedding size {fit.mean.shape[0]}")
   params = _logit_params(fit, class_embeddings)
   latent = jnp.zeros(fit.factor.shape[1:], jnp.float32)
-  draws = standard.sample_certification_draws(
-      GaussianLogitClassifier(), params, latent, gaussian_key(key), sigma=1.0,
-      num_classes=int(class_embeddings.shape[-2]), n0=n0, n=n,
-      batch_size=batch_size)
-  counts0, counts = jax.device_get((draws.selection["counts"],
-                                    draws.estimation["counts"]))
-  return [standard.certificate_from_counts(c0, c, sigma=sigma, alpha=alpha,
-                                           margin=delta)
-          for c0, c in zip(np.asarray(counts0), np.asarray(counts))]
+  draws = sampler.sample_certification_draws(
+      GaussianLogitClassifier(), params, latent,
+      sampler.stream_key(key, "gaussian"), sigma=1.0,
+      num_classes=int(class_embeddings.shape[-2]), n0=smoothing.n0,
+      n=smoothing.n, batch_size=mvn.batch_size)
+  return certificates.certificates_from_counts(
+      draws.selection["counts"], draws.estimation["counts"],
+      sigma=smoothing.sigma, alpha=smoothing.alpha, margin=mvn.delta)
 
 
 def certify_mvn(fit: GaussianFit, class_embeddings: jax.Array, key: jax.Array,
-                **kwargs) -> standard.Certificate:
+                smoothing: SmoothingParams,
+                mvn: MVNParams = MVNParams()) -> Certificate:
   """Approximate certificate of one prompt (U [C, d]); see certify_mvn_many."""
   if jnp.ndim(class_embeddings) != 2:
     raise InputError("certify_mvn takes one prompt's [C, d] class matrix; "
                      "use certify_mvn_many for [P, C, d]")
-  return certify_mvn_many(fit, class_embeddings, key, **kwargs)[0]
+  return certify_mvn_many(fit, class_embeddings, key, smoothing, mvn)[0]
 
 
-def required_margin(mvn: standard.Certificate,
-                    exact: standard.Certificate) -> float:
+def with_margin(cert: Certificate, delta: float, sigma: float) -> Certificate:
+  """The result MVN-OVC gives with margin delta, from its no-margin result."""
+  return certificates.certificate_from_lower_bound(
+      cert.prediction, cert.pA_lower - delta, cert.counts, sigma)
+
+
+def required_margin(mvn: Certificate,
+                    exact: Certificate) -> float:
   """The smallest delta with which this MVN radius would not exceed the exact one.
 
   Args:
@@ -155,7 +172,7 @@ def required_margin(mvn: standard.Certificate,
   it stays at or below the exact radius when p - delta <= the exact pA_lower
   (same class certified), and it must abstain (p - delta <= 0.5) otherwise.
   """
-  if mvn.prediction == standard.ABSTAIN:
+  if mvn.prediction == ABSTAIN:
     return 0.0
   if exact.prediction == mvn.prediction:
     target = exact.pA_lower
@@ -183,8 +200,8 @@ class MarginCalibration(NamedTuple):
   pairs: int
 
 
-def calibrate_margin(mvn: list[standard.Certificate],
-                     exact: list[standard.Certificate]) -> MarginCalibration:
+def calibrate_margin(mvn: list[Certificate],
+                     exact: list[Certificate]) -> MarginCalibration:
   """Smallest delta that keeps every MVN radius at or below the exact radius."""
   if len(mvn) != len(exact) or not mvn:
     raise InputError("calibration needs equally many, and some, MVN and exact "

@@ -1,4 +1,4 @@
-"""Training a small CLIP on the toy world: tokenizer, loss, train step, evaluation.
+"""The toy CLIP, trained on the toy world: tokenizer, loss, train step, eval.
 
 The library half of `experiments/train_toy_clip.py`; everything here is a
 function of arrays, params and keys (flags and configs stay in experiments/).
@@ -15,21 +15,29 @@ function of arrays, params and keys (flags and configs stay in experiments/).
   * Train step: Gaussian noise in CLIP-normalised space with a per-image sigma
     drawn from a small set (Cohen et al. train the base classifier under the
     noise it is later smoothed with), then AdamW.
-  * Evaluation: zero-shot accuracy per template, per group of images, and the
-    certified accuracy at radius 0 of the smoothed classifier, via the
-    project's standard certifier.
+  * Evaluation: accuracy per group of images, and the certified accuracy at
+    radius 0 of the smoothed classifier, via the project's standard
+    certifier. Zero-shot class embeddings come from `ovc_jax.zeroshot`, given
+    `text_tower(model, params, tokenizer)`.
+
+It sits above `ovc_jax.toy_world` (the images and captions it trains on) and
+the library (models, classifiers, certifiers); the toy world itself depends on
+none of them.
 
 Example:
   tokenizer = build_tokenizer(vocabulary(), context_length=16)
   tokens = tokenize(tokenizer, captions)                 # [B, 16] int32
   loss, metrics = contrastive_loss(z_img, z_txt, params["logit_scale"], ids)
+  u = zeroshot.class_embeddings(text_tower(model, params, tokenizer),
+                                "a photo of a {}.", TOY_CLASSES)  # [C, d]
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +46,11 @@ import optax
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from ovc_jax import certificates
 from ovc_jax import classifiers
 from ovc_jax import preprocessing
 from ovc_jax import sampler
+from ovc_jax import zeroshot
 from ovc_jax.certifiers import standard
 from ovc_jax.errors import ConfigError
 from ovc_jax.models import ClipModel
@@ -108,6 +118,13 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> np.ndarra
   """Token ids int32 `[len(texts), context_length]`."""
   return np.asarray([e.ids for e in tokenizer.encode_batch(list(texts))],
                     np.int32)
+
+
+def text_tower(model: ClipModel, params: Params,
+               tokenizer: tokenizers.Tokenizer) -> zeroshot.TextTower:
+  """The model's text side in the form `ovc_jax.zeroshot` takes."""
+  return zeroshot.TextTower(model, params,
+                            functools.partial(tokenize, tokenizer))
 
 
 def tokenizer_files(tokenizer: tokenizers.Tokenizer) -> dict[str, str]:
@@ -327,39 +344,6 @@ def train_step(model: ClipModel, optimizer: optax.GradientTransformation,
 # Evaluation
 
 
-def embed_in_batches(embed_fn: Callable[[jax.Array], jax.Array],
-                     inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """`embed_fn` over `inputs` in fixed-size batches (last one padded).
-
-  One compiled shape whatever `len(inputs)`; returns `[N, d]` float32 on the
-  host.
-  """
-  n = inputs.shape[0]
-  padded = -(-n // batch_size) * batch_size
-  inputs = np.concatenate(
-      [inputs, np.zeros((padded - n,) + inputs.shape[1:], inputs.dtype)])
-  out = [embed_fn(inputs[i:i + batch_size]) for i in range(0, padded, batch_size)]
-  return np.asarray(jax.device_get(jnp.concatenate(out)))[:n]
-
-
-def template_class_embeddings(model: ClipModel, params: Params,
-                              tokenizer: tokenizers.Tokenizer,
-                              templates: Sequence[str],
-                              class_names: Sequence[str]) -> np.ndarray:
-  """Normalised class embeddings `[T, C, d]`, one matrix per template."""
-  texts = [t.format(c) for t in templates for c in class_names]
-  z = model.embed_texts(params, jnp.asarray(tokenize(tokenizer, texts)))
-  z = classifiers.l2_normalize(z)
-  return np.asarray(z).reshape(len(templates), len(class_names), -1)
-
-
-def zero_shot_predictions(image_embeddings: np.ndarray,
-                          class_embeddings: np.ndarray) -> np.ndarray:
-  """int `[N]` (class matrix `[C, d]`) or `[N, T]` (`[T, C, d]`)."""
-  return np.asarray(classifiers.predict_from_embeddings(
-      jnp.asarray(image_embeddings), jnp.asarray(class_embeddings)))
-
-
 def group_accuracies(correct: np.ndarray, groups: np.ndarray,
                      names: Sequence[str]) -> dict[str, dict[str, float]]:
   """{name: {'accuracy', 'count'}} of a bool `[N]` over int groups `[N]`."""
@@ -374,9 +358,9 @@ def group_accuracies(correct: np.ndarray, groups: np.ndarray,
 
 def certified_accuracy_at_zero(model: ClipModel, params: Params,
                                class_embeddings: np.ndarray,
-                               images: np.ndarray, labels: np.ndarray, *,
-                               sigma: float, seed: int, n0: int, n: int,
-                               alpha: float, batch_size: int,
+                               images: np.ndarray, labels: np.ndarray,
+                               smoothing: certificates.SmoothingParams, *,
+                               seed: int,
                                indices: Sequence[int] | None = None
                                ) -> dict[str, Any]:
   """Cohen et al.'s CERTIFY on each image; the fraction certified correct.
@@ -391,7 +375,7 @@ def certified_accuracy_at_zero(model: ClipModel, params: Params,
     class_embeddings: `[C, d]`, normalised.
     images: float32 `[N, S, S, 3]`, CLIP-normalised.
     labels: int `[N]`.
-    sigma, n0, n, alpha, batch_size: CERTIFY's arguments.
+    smoothing: CERTIFY's sigma, n0, n, alpha and batch size.
     seed: the noise seed.
     indices: the dataset indices of the images (for their keys); default
       0..N-1.
@@ -400,16 +384,14 @@ def certified_accuracy_at_zero(model: ClipModel, params: Params,
     {'certified_accuracy', 'abstain_rate', 'mean_radius_correct', 'count'}.
   """
   classifier = classifiers.EmbeddingClassifier(model.embed_images)
-  apply_params = {"encoder": params,
-                  "class_embeddings": jnp.asarray(class_embeddings)}
+  apply_params = classifier.params(params, jnp.asarray(class_embeddings))
   indices = range(len(images)) if indices is None else indices
   correct, abstain, radii = 0, 0, []
   for x, label, idx in zip(images, labels, indices):
     cert = standard.certify(
         classifier, apply_params, x, sampler.input_key(seed, int(idx)),
-        sigma=sigma, num_classes=class_embeddings.shape[0], n0=n0, n=n,
-        alpha=alpha, batch_size=batch_size)
-    abstain += cert.prediction == standard.ABSTAIN
+        smoothing, num_classes=class_embeddings.shape[0])
+    abstain += cert.prediction == certificates.ABSTAIN
     if cert.prediction == int(label):
       correct += 1
       radii.append(cert.radius)

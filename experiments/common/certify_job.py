@@ -1,0 +1,440 @@
+"""The certify job: a dataset's inputs through the OVC pipeline, into Cohen TSVs.
+
+Shared by `experiments.certify` (which runs it), `experiments.paper` (which
+runs it per backbone and noise space) and `experiments.calibrate_mvn` (which
+reads what it left). The method itself is `ovc_jax.ovc`; this module turns a
+config into its arguments and its results into files:
+
+  WORKDIR/tsv/<method>/sigma_<s>/<prompt>.tsv   Cohen's columns and more
+  WORKDIR/summary.json                          computed from the TSVs
+  WORKDIR/caches/sigma_<s>/<idx>/<kind>/        the input's OVC caches
+
+ovc mode: for each input and sigma, certify every known prompt (one encoder
+pass for all of them, which fills the input's caches), then every novel prompt
+by each of the four methods, each timed from its cache read to its result.
+single mode: one prompt, one method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from experiments.common import curves
+from ovc_jax import caches
+from ovc_jax import datasets
+from ovc_jax import ovc
+from ovc_jax import preprocessing
+from ovc_jax import prompts as prompt_lists
+from ovc_jax import results
+from ovc_jax import sampler
+from ovc_jax import zeroshot
+from ovc_jax.certificates import Certificate, SmoothingParams
+from ovc_jax.certifiers.modified_irs import IRSParams
+from ovc_jax.certifiers.mvn_ovc import APPROXIMATE_NOTE, MVNParams
+from ovc_jax.classifiers import EmbeddingClassifier
+from ovc_jax.errors import ConfigError
+from ovc_jax.models import load_clip
+
+METHODS = ovc.METHODS
+METHOD_NAMES = {name: c.label for name, c in ovc.NOVEL_CERTIFIERS.items()}
+EXTRA_COLUMNS = ("method", "prompt", "pA_lower", "approximate", "irs_applied",
+                 "known_prompt", "zeta", "confidence")
+MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
+              "generated shapes: a demo model, not a real CLIP")
+
+
+def ovc_params(config, sigma: float) -> ovc.OVCParams:
+  """The library's parameter bundle for one sigma of a certify config."""
+  return ovc.OVCParams(
+      smoothing=SmoothingParams(sigma=float(sigma), n0=config.n0, n=config.n,
+                                alpha=config.alpha,
+                                batch_size=config.batch_size),
+      irs=IRSParams(n_p=config.irs.n_p, gamma=config.irs.gamma,
+                    alpha_zeta=config.irs.alpha_zeta),
+      mvn=MVNParams(delta=config.mvn.delta, batch_size=config.mvn.batch_size),
+      cached_batch_size=config.cached_batch_size)
+
+
+def validate(config) -> None:
+  """Every check on the config that can fail, before anything is written."""
+  if not config.sigmas:
+    raise ConfigError("sigmas is empty")
+  for sigma in config.sigmas:
+    ovc_params(config, sigma)
+  preprocessing.check_noise_space(config.noise_space)
+  if config.mode not in ("ovc", "single"):
+    raise ConfigError(f"mode must be 'ovc' or 'single'; got {config.mode!r}")
+  if config.method not in METHODS:
+    raise ConfigError(f"method must be one of {METHODS}; got {config.method!r}")
+  if config.skip < 1:
+    raise ConfigError(f"skip must be >= 1; got {config.skip}")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"dtype must be float32 or bfloat16; got {config.dtype!r}")
+
+
+def slug(template: str) -> str:
+  text = re.sub(r"[^a-z0-9]+", "-", template.replace("{}", "X").lower())
+  return text.strip("-")[:48] or "prompt"
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A prompt template, its name in file paths and its class matrix [C, d]."""
+
+  template: str
+  name: str
+  role: str  # "known", "novel" or "single"
+  class_embeddings: jax.Array
+
+
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  workdir: str
+  cache_dir: str
+  loaded: Any
+  classifier: EmbeddingClassifier
+  dataset: Any
+  indices: list[int]
+  known: list[Prompt]
+  novel: list[Prompt]
+  single: Prompt | None
+  is_toy: bool
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.dataset.class_names)
+
+  def known_stack(self) -> jax.Array:
+    return jnp.stack([p.class_embeddings for p in self.known])
+
+
+def build_setup(config, workdir: str) -> Setup:
+  """Loads the model, data and prompts; raises OVCError for bad input."""
+  validate(config)
+  loaded = load_clip(config.backbone, dtype=config.dtype,
+                     tokenizer_path=config.tokenizer or None)
+  dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
+  class_names = (prompt_lists.load_class_names(config.classes)
+                 if config.classes else list(dataset.class_names))
+  if len(class_names) != len(dataset.class_names):
+    raise ConfigError(
+        f"{len(class_names)} class names given, but dataset {config.dataset} "
+        f"has {len(dataset.class_names)} classes")
+  indices = datasets.subsample_indices(len(dataset), config.skip, config.max)
+  if not indices:
+    raise ConfigError("no inputs selected: check skip and max")
+  preprocess = None if config.noise_space == "normalized" else loaded.preprocess
+  classifier = EmbeddingClassifier(loaded.model.embed_images, normalize=True,
+                                   preprocess=preprocess)
+
+  def make(template, role, i):
+    name = f"{role}{i:02d}-{slug(template)}"
+    return Prompt(template, name, role,
+                  zeroshot.class_embeddings(loaded, template, class_names))
+
+  known, novel, single = [], [], None
+  if config.mode == "ovc":
+    templates = (prompt_lists.load_templates(config.templates)
+                 if config.templates else prompt_lists.templates_for(config.dataset))
+    if not 1 <= config.num_novel < len(templates):
+      raise ConfigError(f"num_novel must lie in [1, {len(templates) - 1}] for "
+                        f"{len(templates)} templates; got {config.num_novel}")
+    known_t, novel_t = prompt_lists.split_templates(
+        templates, config.num_novel, config.split_seed)
+    known = [make(t, "known", i) for i, t in enumerate(known_t)]
+    novel = [make(t, "novel", i) for i, t in enumerate(novel_t)]
+  else:
+    prompt_lists.validate_templates([config.prompt])
+    single = make(config.prompt, "single", 0)
+  return Setup(config=config, workdir=workdir,
+               cache_dir=config.cache_dir or os.path.join(workdir, "caches"),
+               loaded=loaded, classifier=classifier, dataset=dataset,
+               indices=indices, known=known, novel=novel, single=single,
+               is_toy=config.backbone == "toy")
+
+
+_preprocess = jax.jit(preprocessing.preprocess, static_argnums=1)
+
+
+def model_input(setup: Setup, image: np.ndarray) -> jax.Array:
+  """The array noise is added to: normalised model input, or [0, 1] pixels."""
+  image = preprocessing.check_images(image, name="input image")[0]
+  if setup.config.noise_space == "pixel":
+    return jnp.asarray(image)
+  return _preprocess(jnp.asarray(image), setup.loaded.preprocess)
+
+
+def provenance(setup: Setup, sigma: float, key, image) -> caches.Provenance:
+  return caches.Provenance.for_input(
+      setup.loaded, noise_space=setup.config.noise_space,
+      smoothing=ovc_params(setup.config, sigma).smoothing, key=key,
+      image=image, dtype=setup.config.dtype, num_classes=setup.num_classes)
+
+
+def input_cache_dir(setup: Setup, sigma: float, idx: int) -> str:
+  return os.path.join(setup.cache_dir, f"sigma_{sigma:g}", str(idx))
+
+
+def stored_caches(setup: Setup, sigma: float, idx: int) -> ovc.StoredCaches:
+  """The caches an earlier pass over input `idx` left, checked on each load."""
+  image, _ = setup.dataset[idx]
+  key = sampler.input_key(setup.config.seed, idx)
+  return ovc.StoredCaches(
+      input_cache_dir(setup, sigma, idx), provenance(setup, sigma, key, image),
+      known_class_embeddings=setup.known_stack() if setup.known else None,
+      templates=tuple(p.template for p in setup.known) if setup.known else None)
+
+
+def tsv_path(setup: Setup, method: str, prompt: Prompt, sigma: float) -> str:
+  return os.path.join(setup.workdir, "tsv", method, f"sigma_{sigma:g}",
+                      f"{prompt.name}.tsv")
+
+
+@dataclasses.dataclass
+class Row:
+  """One result: a certificate and how it was obtained."""
+
+  method: str
+  prompt: Prompt
+  sigma: float
+  cert: Certificate
+  seconds: float
+  result: ovc.NovelResult | None = None
+
+  def line(self, idx: int, label: int, alpha: float) -> str:
+    irs = self.result.irs if self.result is not None else None
+    confidence = (1.0 - alpha if self.result is None else
+                  float("nan") if self.result.confidence is None else
+                  float(self.result.confidence))
+    extra = (self.method, self.prompt.template, float(self.cert.pA_lower),
+             self.method == "mvn",
+             bool(irs.irs_applied) if irs else False,
+             irs.known_index if irs else -1,
+             float(irs.zeta) if irs else float("nan"), confidence)
+    return results.format_row(idx, label, self.cert.prediction,
+                              self.cert.radius, self.seconds, extra)
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  value = fn()
+  return value, time.perf_counter() - start
+
+
+def certify_novel(setup: Setup, method: str, prompt: Prompt, x, key,
+                  sigma: float, idx: int) -> Row:
+  """One novel prompt by one method, timed from the cache read to the result."""
+  source = stored_caches(setup, sigma, idx)
+  result, secs = _timed(lambda: ovc.certify_novel_prompt(
+      method, setup.classifier, setup.loaded.params, x, key, source,
+      prompt.class_embeddings, ovc_params(setup.config, sigma)))
+  return Row(method, prompt, sigma, result.certificate, secs, result)
+
+
+def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
+                  idx: int, image) -> list[Row]:
+  """Prompts certified together in one pass, which leaves the input's caches."""
+  params = ovc_params(setup.config, sigma)
+  stack = jnp.stack([p.class_embeddings for p in prompts])
+  known, seconds = _timed(lambda: ovc.certify_known_prompts(
+      setup.classifier, setup.loaded.params, x, key, stack, params))
+  ovc.save_caches(input_cache_dir(setup, sigma, idx), known.caches,
+                  provenance(setup, sigma, key, image),
+                  alpha=setup.config.alpha,
+                  templates=[p.template for p in prompts])
+  return [Row("standard", p, sigma, cert, seconds)
+          for p, cert in zip(prompts, known.certificates)]
+
+
+def certify_input(setup: Setup, idx: int) -> list[Row]:
+  """Every row of one dataset input, over all sigmas."""
+  c = setup.config
+  image, _ = setup.dataset[idx]
+  x = model_input(setup, image)
+  key = sampler.input_key(c.seed, idx)
+  rows = []
+  for sigma in c.sigmas:
+    if c.mode == "ovc":
+      rows += certify_known(setup, setup.known, x, key, sigma, idx, image)
+      rows += [certify_novel(setup, m, p, x, key, sigma, idx)
+               for p in setup.novel for m in METHODS]
+    elif c.method == "standard" and c.write_caches:
+      # Certified as a one-prompt stack: the same certificate, and the caches
+      # for later prompts.
+      rows += certify_known(setup, [setup.single], x, key, sigma, idx, image)
+    elif c.method == "irs":
+      raise ConfigError("single-mode irs needs the known prompts' caches of an "
+                        "ovc run; run mode=ovc instead")
+    else:
+      rows.append(certify_novel(setup, c.method, setup.single, x, key, sigma,
+                                idx))
+  return rows
+
+
+def all_tables(setup: Setup) -> dict[str, str]:
+  """{tsv path: header} of every file this run writes."""
+  header = results.header(EXTRA_COLUMNS)
+  tables = {}
+  for sigma in setup.config.sigmas:
+    if setup.config.mode == "ovc":
+      for p in setup.known:
+        tables[tsv_path(setup, "standard", p, sigma)] = header
+      for p in setup.novel:
+        for m in METHODS:
+          tables[tsv_path(setup, m, p, sigma)] = header
+    else:
+      tables[tsv_path(setup, setup.config.method, setup.single, sigma)] = header
+  return tables
+
+
+def cache_bytes(setup: Setup) -> dict[str, dict[str, int]]:
+  """Bytes per input per sigma of each cache kind, read from the first input's."""
+  out = {}
+  for sigma in setup.config.sigmas:
+    entry = {}
+    for kind in ovc.CACHE_KINDS:
+      path = os.path.join(input_cache_dir(setup, sigma, setup.indices[0]), kind)
+      if os.path.isdir(path):
+        entry[kind] = sum(os.path.getsize(os.path.join(path, f))
+                          for f in os.listdir(path))
+    out[f"sigma_{sigma:g}"] = entry
+  return out
+
+
+def summarize_run(setup: Setup) -> dict:
+  """The JSON summary, computed from the TSVs as written."""
+  c = setup.config
+  per_table, methods = {}, {}
+  for sigma in c.sigmas:
+    groups = ([("known", "standard", p) for p in setup.known]
+              + [("novel", m, p) for p in setup.novel for m in METHODS]
+              + ([("single", c.method, setup.single)] if setup.single else []))
+    for role, method, prompt in groups:
+      path = tsv_path(setup, method, prompt, sigma)
+      summary = results.summarize_tsv(path)
+      columns = results.read_tsv(path)
+      if method == "irs":
+        summary["irs_applied_fraction"] = float(np.mean(columns["irs_applied"]))
+      if method == "mvn":
+        summary["approximate"] = True
+      per_table[os.path.relpath(path, setup.workdir)] = summary
+      group = methods.setdefault(f"{role}/{method}/sigma_{sigma:g}", [])
+      group.append((summary, columns))
+  aggregate = {}
+  for name, entries in methods.items():
+    aggregate[name] = {
+        "prompts": len(entries),
+        "seconds_per_input": float(np.mean([s["seconds_per_input"] for s, _ in entries])),
+        "certified_accuracy": {
+            r: float(np.mean([s["certified_accuracy"][r] for s, _ in entries]))
+            for r in entries[0][0]["certified_accuracy"]},
+        "average_certified_radius": float(np.mean(
+            [s["average_certified_radius"] for s, _ in entries])),
+        "abstention_rate": float(np.mean([s["abstention_rate"] for s, _ in entries])),
+    }
+  exactness = {}
+  if c.mode == "ovc":
+    for sigma in c.sigmas:
+      std = aggregate[f"novel/standard/sigma_{sigma:g}"]["seconds_per_input"]
+      for m in METHODS:
+        entry = aggregate[f"novel/{m}/sigma_{sigma:g}"]
+        entry["speedup_over_standard"] = std / max(entry["seconds_per_input"], 1e-12)
+      # Cached-OVC must equal standard RS row for row (prediction and radius).
+      same = []
+      for p in setup.novel:
+        a = results.read_tsv(tsv_path(setup, "standard", p, sigma))
+        b = results.read_tsv(tsv_path(setup, "cached", p, sigma))
+        same.append(bool(np.array_equal(a["predict"], b["predict"])
+                         and np.array_equal(a["radius"], b["radius"])))
+      exactness[f"sigma_{sigma:g}"] = all(same)
+  return {
+      "model": {"name": setup.loaded.name, "fingerprint": setup.loaded.fingerprint,
+                "note": MODEL_NOTE if setup.is_toy else
+                        f"weights loaded from {setup.config.backbone}"},
+      "dataset": c.dataset,
+      "inputs": len(setup.indices),
+      "split": {"known": [p.template for p in setup.known],
+                "novel": [p.template for p in setup.novel],
+                "split_seed": c.split_seed} if c.mode == "ovc" else None,
+      "methods": aggregate,
+      "tables": per_table,
+      "cached_identical_to_standard": exactness,
+      "cache_bytes_per_input_per_sigma": cache_bytes(setup),
+      "notes": {"mvn": APPROXIMATE_NOTE,
+                "time": "seconds per input exclude compilation (a warm-up "
+                        "input is certified first and not recorded)"},
+  }
+
+
+def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
+  c = setup.config
+  w = stream.write
+  w(f"\nmodel: {summary['model']['name']} ({summary['model']['note']})\n")
+  w(f"dataset: {c.dataset}, {summary['inputs']} inputs, noise in "
+    f"{c.noise_space} space, n0={c.n0}, n={c.n}, alpha={c.alpha}\n")
+  radii = ["0", "0.25", "0.5", "1"]
+  for sigma in c.sigmas:
+    w(f"\nsigma = {sigma:g}\n")
+    w(f"{'prompts':8} {'method':24} " + " ".join(f"r>={r:5}" for r in radii)
+      + f" {'s/input':>9} {'speedup':>8}\n")
+    for name, entry in summary["methods"].items():
+      role, method, s = name.split("/")
+      if s != f"sigma_{sigma:g}":
+        continue
+      acc = " ".join(f"{entry['certified_accuracy'].get(r, 0.0):7.3f}" for r in radii)
+      speed = entry.get("speedup_over_standard")
+      speed = f"{speed:7.1f}x" if speed is not None else " " * 8
+      w(f"{role:8} {METHOD_NAMES[method]:24} {acc} "
+        f"{entry['seconds_per_input']:9.4f} {speed}\n")
+  if c.mode == "ovc":
+    w(f"\nCached-OVC identical to standard RS: "
+      f"{summary['cached_identical_to_standard']}\n")
+    w(f"{APPROXIMATE_NOTE} (margin delta = {c.mvn.delta})\n")
+  w(f"results: {setup.workdir}/summary.json, {setup.workdir}/tsv/ and "
+    f"{summary['figure']}\n")
+
+
+def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
+  """Certifies the configured inputs (resuming), then summarises the run."""
+  setup = build_setup(config, workdir)
+  if setup.is_toy:
+    stream.write(f"note: {MODEL_NOTE}\n")
+  journal = common.ResumableRun(workdir, config.to_dict())
+  tables = all_tables(setup)
+  journal.prepare(tables)
+  todo = journal.remaining(setup.indices)
+  # Compile every shape on the first input before timing anything.
+  if todo:
+    stream.write("warming up (compiling) on the first input...\n")
+    certify_input(setup, setup.indices[0])
+  progress = common.Progress(len(setup.indices), "inputs", stream=stream,
+                             already_done=len(setup.indices) - len(todo))
+  for idx in todo:
+    rows = certify_input(setup, idx)
+    label = int(setup.dataset.labels[idx])
+    journal.commit(idx, {
+        tsv_path(setup, r.method, r.prompt, r.sigma):
+            (tables[tsv_path(setup, r.method, r.prompt, r.sigma)],
+             r.line(idx, label, config.alpha)) for r in rows})
+    progress.update(note=f"input {idx}")
+  summary = summarize_run(setup)
+  summary["config"] = config.to_dict()
+  # The curves of every (method, sigma, known/novel) group; the table is
+  # print_report's, so the curves' copy of it is dropped.
+  summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
+  curves.draw(curves.workdir_groups(workdir), summary["figure"],
+              x_label=curves.axis_label(workdir), stream=io.StringIO())
+  common.write_json(os.path.join(workdir, "summary.json"), summary)
+  return setup, summary

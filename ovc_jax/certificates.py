@@ -1,0 +1,170 @@
+"""What a certificate is and how one is made from counts: shared by all four certifiers.
+
+CERTIFY(f, sigma, x, n0, n, alpha) ends the same way whichever certifier drew
+the counts:
+
+  cA       = argmax counts0                               # selection draws
+  pA_lower = LowerConfBound(counts[cA], n, 1 - alpha)     # estimation draws
+  return (cA, sigma * PhiInv(pA_lower)) if pA_lower > 0.5 else ABSTAIN
+
+`certificate_from_counts` is that rule (MVN-OVC passes its margin delta), and
+`certificate_from_counts_jax` its jittable twin, so there is one place where a
+certificate is made from counts. `SmoothingParams` bundles the numbers every
+certifier is called with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from ovc_jax import bounds
+from ovc_jax.errors import ConfigError
+
+ABSTAIN = -1
+
+DEFAULT_N0 = 100
+DEFAULT_N = 100_000
+DEFAULT_ALPHA = 0.001
+DEFAULT_BATCH_SIZE = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingParams:
+  """The numbers of Cohen et al.'s CERTIFY, checked on construction.
+
+  Attributes:
+    sigma: the noise standard deviation (in the space noise is added in).
+    n0: selection draws (which class to certify).
+    n: estimation draws (the bound on pA).
+    alpha: the certificate holds with probability >= 1 - alpha.
+    batch_size: noise samples evaluated at once (memory, not semantics: every
+      result is the same for every batch size).
+  """
+
+  sigma: float
+  n0: int = DEFAULT_N0
+  n: int = DEFAULT_N
+  alpha: float = DEFAULT_ALPHA
+  batch_size: int = DEFAULT_BATCH_SIZE
+
+  def __post_init__(self):
+    check_smoothing_args(sigma=self.sigma, n0=self.n0, n=self.n,
+                         alpha=self.alpha, batch_size=self.batch_size)
+
+  def replace(self, **changes) -> "SmoothingParams":
+    return dataclasses.replace(self, **changes)
+
+
+def _is_count(value, minimum: int) -> bool:
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and value >= minimum)
+
+
+def check_smoothing_args(*, sigma: float, n0: int, n: int, alpha: float,
+                         batch_size: int) -> None:
+  """Raises ConfigError for CERTIFY arguments out of range."""
+  if not _is_count(n0, 1):
+    raise ConfigError(f"n0 (selection draws) must be an integer >= 1; got {n0}")
+  if not _is_count(n, 1):
+    raise ConfigError(f"n (estimation draws) must be an integer >= 1; got {n}")
+  if not _is_count(batch_size, 1):
+    raise ConfigError(f"batch size must be an integer >= 1; got {batch_size}")
+  if not isinstance(alpha, (float, int, np.floating)) or not 0.0 < alpha < 1.0:
+    raise ConfigError(f"alpha must lie in (0, 1); got {alpha}")
+  if (not isinstance(sigma, (float, int, np.floating)) or not np.isfinite(sigma)
+      or sigma <= 0):
+    raise ConfigError(f"sigma must be a finite number > 0; got {sigma}")
+
+
+class Certificate(NamedTuple):
+  """One certificate; unpacks as (prediction, radius, pA_lower, counts).
+
+  Attributes:
+    prediction: the certified class, or ABSTAIN (-1).
+    radius: L2 radius within which the smoothed classifier's prediction is
+      constant (0.0 when abstaining).
+    pA_lower: the lower confidence bound on P[f(x + e) = cA] used for the
+      radius (after any margin), in [0, 1].
+    counts: int64 `[C]` histogram of the estimation draws.
+  """
+
+  prediction: int
+  radius: float
+  pA_lower: float
+  counts: np.ndarray
+
+
+def radius_from_lower_bound(p_lower: float, sigma: float) -> float:
+  """sigma * PhiInv(p_lower), the certified radius of Cohen et al.'s theorem."""
+  return float(sigma * stats.norm.ppf(p_lower))
+
+
+def certificate_from_lower_bound(prediction: int, p_lower: float,
+                                 counts: np.ndarray, sigma: float) -> Certificate:
+  """(prediction, sigma * PhiInv(p_lower)) if p_lower > 1/2, else ABSTAIN."""
+  counts = np.asarray(counts, np.int64)
+  if prediction != ABSTAIN and p_lower > 0.5:
+    return Certificate(int(prediction), radius_from_lower_bound(p_lower, sigma),
+                       float(p_lower), counts)
+  return Certificate(ABSTAIN, 0.0, float(max(p_lower, 0.0)), counts)
+
+
+def certificate_from_counts(counts0: np.ndarray, counts: np.ndarray, *,
+                            sigma: float, alpha: float,
+                            margin: float = 0.0) -> Certificate:
+  """CERTIFY's last lines, given the selection and estimation histograms.
+
+  Args:
+    counts0: `[C]` selection counts (which class to certify).
+    counts: `[C]` estimation counts; n = counts.sum().
+    sigma: the noise level the counts were drawn at.
+    alpha: the certificate holds with probability >= 1 - alpha.
+    margin: subtracted from pA_lower before the radius (MVN-OVC's delta; 0 for
+      the exact certifiers).
+
+  Returns:
+    The certificate. Ties in counts0 go to the lowest class index, as in Cohen
+    et al.'s `counts.argmax()`.
+  """
+  counts0 = np.asarray(counts0, np.int64)
+  counts = np.asarray(counts, np.int64)
+  c_a = int(np.argmax(counts0))
+  p_lower = bounds.clopper_pearson_lower(int(counts[c_a]), int(counts.sum()),
+                                         alpha) - margin
+  return certificate_from_lower_bound(c_a, p_lower, counts, sigma)
+
+
+def certificates_from_counts(counts0: np.ndarray, counts: np.ndarray, *,
+                             sigma: float, alpha: float,
+                             margin: float = 0.0) -> list[Certificate]:
+  """One certificate per classifier: counts `[C]` or `[P, C]`."""
+  counts0, counts = jax.device_get((counts0, counts))
+  return [certificate_from_counts(c0, c, sigma=sigma, alpha=alpha,
+                                  margin=margin)
+          for c0, c in zip(np.atleast_2d(counts0), np.atleast_2d(counts))]
+
+
+def certificate_from_counts_jax(counts0: jax.Array, counts: jax.Array,
+                                sigma: jax.Array, alpha: jax.Array,
+                                margin: jax.Array = 0.0):
+  """Jittable `certificate_from_counts`: (prediction, radius, pA_lower).
+
+  The same rule with the JAX bounds of `ovc_jax.bounds` (see their stated
+  precision), for a certify step that runs inside other JAX code.
+  """
+  c_a = jnp.argmax(counts0, axis=-1)
+  n_a = jnp.take_along_axis(counts, c_a[..., None], axis=-1)[..., 0]
+  p_lower = bounds.clopper_pearson_lower_jax(
+      n_a, jnp.sum(counts, axis=-1), alpha) - margin
+  certified = p_lower > 0.5
+  radius = jnp.where(
+      certified, sigma * jax.scipy.stats.norm.ppf(jnp.clip(p_lower, 0.5, 1.0)),
+      0.0)
+  return (jnp.where(certified, c_a, ABSTAIN), radius,
+          jnp.maximum(p_lower, 0.0))
