@@ -5,11 +5,14 @@ import json
 import pathlib
 import pickle
 import pickletools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ovc_jax.datasets import cifar
 from ovc_jax.errors import ConfigError
 from ovc_jax.toy_world import captions
 from ovc_jax.toy_world import catalog as cat
@@ -282,9 +285,9 @@ def test_test_split_is_balanced_and_deterministic():
 
 def test_written_split_has_cifar10_structure(written):
   out, record = written
-  folder = out / split.CIFAR_DIRNAME
-  batch = _load(folder / split.TEST_BATCH)
-  meta = _load(folder / split.META)
+  folder = out / cifar.CIFAR10_DIRNAME
+  batch = _load(folder / cifar.CIFAR10_TEST_BATCH)
+  meta = _load(folder / cifar.CIFAR10_META)
   assert list(batch) == [b"batch_label", b"labels", b"data", b"filenames"]
   assert batch[b"data"].dtype == np.uint8
   assert batch[b"data"].shape == (120, 3072)
@@ -294,7 +297,7 @@ def test_written_split_has_cifar10_structure(written):
   assert meta[b"label_names"] == [c.encode() for c in cat.TOY_CLASSES]
   assert meta[b"num_cases_per_batch"] == 120 and meta[b"num_vis"] == 3072
   # Python 2 style, as CIFAR-10 was written: latin1 readers get str keys.
-  with open(folder / split.TEST_BATCH, "rb") as f:
+  with open(folder / cifar.CIFAR10_TEST_BATCH, "rb") as f:
     assert "data" in pickle.load(f, encoding="latin1")
   # Rows are channel-planar: R plane, then G, then B.
   images, labels, _, _ = split.sample_test_split(120, 4)
@@ -307,8 +310,8 @@ def test_written_split_has_cifar10_structure(written):
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="no shared CIFAR data")
 def test_written_split_matches_real_cifar_file(written):
   out, _ = written
-  for name in (split.TEST_BATCH, split.META):
-    ours = _load(out / split.CIFAR_DIRNAME / name)
+  for name in (cifar.CIFAR10_TEST_BATCH, cifar.CIFAR10_META):
+    ours = _load(out / cifar.CIFAR10_DIRNAME / name)
     real = _load(SHARED_CIFAR / name)
     assert set(real) <= set(ours), name
     for key, value in real.items():
@@ -319,7 +322,7 @@ def test_written_split_matches_real_cifar_file(written):
       if isinstance(value, list) and value:
         assert type(ours[key][0]) is type(value[0]), key
     ours_proto = next(pickletools.genops(
-        (out / split.CIFAR_DIRNAME / name).read_bytes()))
+        (out / cifar.CIFAR10_DIRNAME / name).read_bytes()))
     real_proto = next(pickletools.genops((SHARED_CIFAR / name).read_bytes()))
     assert ours_proto[1] == real_proto[1] == 2
 
@@ -365,9 +368,12 @@ def test_writer_is_byte_reproducible(written, tmp_path):
 
 
 def test_entry_point(tmp_path):
-  assert split.main(["--out", str(tmp_path), "--num_images", "20",
-                     "--no_montage", "--seed", "2"]) == 0
-  assert (tmp_path / split.CIFAR_DIRNAME / split.TEST_BATCH).is_file()
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.write_toy_split", "--out",
+       str(tmp_path), "--num_images", "20", "--no_montage", "--seed", "2"],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / cifar.CIFAR10_DIRNAME / cifar.CIFAR10_TEST_BATCH).is_file()
   assert not (tmp_path / split.MONTAGE).exists()
 
 
@@ -380,13 +386,13 @@ def test_committed_split_matches_its_record_and_the_generator():
     assert hashlib.sha256(data).hexdigest() == digest, rel
   if record["generator_version"] != cat.GENERATOR_VERSION:
     pytest.fail("checkpoints/toy_world is from an older generator: rerun "
-                "python -m ovc_jax.toy_world.split")
-  batch = _load(COMMITTED / split.CIFAR_DIRNAME / split.TEST_BATCH)
+                "python -m experiments.write_toy_split")
+  batch = _load(COMMITTED / cifar.CIFAR10_DIRNAME / cifar.CIFAR10_TEST_BATCH)
   images, labels, _, _ = split.sample_test_split(record["num_images"],
                                                  record["seed"])
   np.testing.assert_array_equal(batch[b"labels"], labels)
   # Float32 sin/exp may differ in the last bit between CPUs (NumPy's SIMD
   # paths), which can move a rounded pixel by one level; nothing more.
   diff = np.abs(batch[b"data"].astype(int)
-                - split.cifar_rows(images).astype(int))
+                - cifar.cifar_rows(images).astype(int))
   assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3

@@ -16,6 +16,8 @@ Any field can then be set with --config.FIELD=VALUE.
 
 from ml_collections import config_dict
 
+from ovc_jax.dataset_settings import DEFAULT_SKIP
+
 # Hugging Face ids and OpenCLIP checkpoints of the real backbones. A hub id is
 # downloaded only when named and online; OpenCLIP files must be placed locally
 # (see checkpoints/README.md).
@@ -29,10 +31,6 @@ BACKBONES = {
     "openclip_vit_b32": ("openclip:ViT-B-32:checkpoints/downloads/"
                          "ViT-B-32-laion2b_s34b_b79k/open_clip_model.safetensors"),
 }
-
-# Cohen et al.'s subsampling: 500 images of each full test set.
-DATASET_SKIP = {"toy": 50, "cifar10": 20, "imagenet": 100}
-
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
@@ -51,7 +49,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.n = 10_000
   c.alpha = 0.001
   c.batch_size = 1000
-  c.skip = DATASET_SKIP["toy"]
+  c.skip = DEFAULT_SKIP["toy"]  # per dataset: ovc_jax/dataset_settings.py
   c.max = -1                  # Cohen's --max: stop at this dataset index (-1: none)
   c.seed = 0                  # noise keys: fold_in(key(seed), dataset index)
   # single: one prompt, one method; ovc: known then novel prompts, every method.
@@ -77,9 +75,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
 
 def _apply(c: config_dict.ConfigDict, variant: str) -> None:
-  if variant in DATASET_SKIP:
+  if variant in DEFAULT_SKIP:
     c.dataset = variant
-    c.skip = DATASET_SKIP[variant]
+    c.skip = DEFAULT_SKIP[variant]
   elif variant in BACKBONES:
     c.backbone = BACKBONES[variant]
   elif variant == "quick":

@@ -11,7 +11,7 @@ Backbones are names of experiments/configs/certify.py's BACKBONES.
 
 from ml_collections import config_dict
 
-from experiments.configs import certify as certify_configs
+from ovc_jax.dataset_settings import DEFAULT_SKIP
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -35,9 +35,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.dtype = "float32"
   for variant in filter(None, (arg or "").split(",")):
     variant = variant.strip()
-    if variant in certify_configs.DATASET_SKIP:
+    if variant in DEFAULT_SKIP:
       c.dataset = variant
-      c.skip = certify_configs.DATASET_SKIP[variant]
+      c.skip = DEFAULT_SKIP[variant]
     elif variant == "ci":
       c.sigmas = (0.25, 0.5)
       c.n0, c.n, c.n_p, c.batch_size = 50, 600, 300, 200

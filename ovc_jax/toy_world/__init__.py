@@ -17,7 +17,9 @@ Modules:
   rendering `render(scenes, rng)`: vectorised NumPy rasterisation
   captions  `TOY_TEMPLATES`, captions, `template_matches`, `vocabulary`
   stream    `sample_batch`: the infinite, seeded training stream
-  split     `write_test_split` and `python -m ovc_jax.toy_world.split`
+  split     `write_test_split`: the held-out test split in CIFAR-10's layout
+            (not imported here: it builds on ovc_jax.datasets, which builds on
+            this package; `from ovc_jax.toy_world import split`)
 
 Example:
   images, captions, labels, attributes = sample_batch((seed, step), 256)
@@ -43,15 +45,7 @@ from ovc_jax.toy_world.stream import train_batches
 __all__ = [
     "BACKGROUNDS", "COLOURS", "GENERATOR_VERSION", "IMAGE_SIZE", "SIZES",
     "STYLES", "TOY_CLASSES", "TOY_TEMPLATES", "Scenes", "render",
-    "sample_batch", "sample_scenes", "sample_test_split", "template_matches",
-    "train_batches", "vocabulary", "words", "write_test_split",
+    "sample_batch", "sample_scenes", "template_matches", "train_batches",
+    "vocabulary", "words",
 ]
 
-
-def __getattr__(name: str):
-  # split.py is also run as `python -m ovc_jax.toy_world.split`; importing it
-  # here eagerly would make runpy warn that it was imported twice.
-  if name in ("write_test_split", "sample_test_split"):
-    from ovc_jax.toy_world import split  # pylint: disable=g-import-not-at-top
-    return getattr(split, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,8 @@
 """The toy world's held-out test split, written in the CIFAR-10 layout.
 
-    python -m ovc_jax.toy_world.split --out=checkpoints/toy_world
-
-renders `--num_images` images (default 1,000, classes balanced) from
-`seeds.heldout_rng(--seed)`, a stream training never draws from, and writes
+`write_test_split(out)` renders `num_images` images (default 1,000, classes
+balanced) from `seeds.heldout_rng(seed)`, a stream training never draws from,
+and writes
 
     <out>/cifar-10-batches-py/test_batch    the images, as CIFAR-10's test_batch
     <out>/cifar-10-batches-py/batches.meta  the class names
@@ -11,27 +10,19 @@ renders `--num_images` images (default 1,000, classes balanced) from
     <out>/split.json                        what was made, how, and checksums
     <out>/examples.png                      a montage: one row per class
 
-`test_batch` is what CIFAR-10's is: a protocol-2 pickle, written as Python 2
-wrote CIFAR-10's (see `_CifarPickler`), of a dict with bytes keys
-b'batch_label' (bytes), b'labels' (list of int), b'data' (uint8 ndarray
-`[N, 3072]`, each row the red, then green, then blue 32x32 plane, row-major)
-and b'filenames' (list of bytes); `batches.meta` holds b'num_cases_per_batch',
-b'label_names' (list of bytes) and b'num_vis'. Any CIFAR-10 reader, including
-`ovc_jax.datasets.load_toy`, reads it.
+The batches are written by `ovc_jax.datasets.cifar`, which defines the layout;
+any CIFAR-10 reader, including `ovc_jax.datasets.load_toy`, reads them. The
+command line is `python -m experiments.write_toy_split`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import io
 import json
 import os
 import pathlib
-import pickle
-import struct
-import sys
 import tempfile
 import zipfile
 from typing import Any, Sequence
@@ -39,20 +30,17 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ovc_jax.errors import ConfigError, DataError, OVCError
+from ovc_jax.datasets import cifar
+from ovc_jax.errors import ConfigError, DataError
 from ovc_jax.toy_world import captions as captions_lib
 from ovc_jax.toy_world import catalog as cat
 from ovc_jax.toy_world import rendering as render_lib
 from ovc_jax.toy_world import scenes as scenes_lib
 from ovc_jax.toy_world import seeds
 
-CIFAR_DIRNAME = "cifar-10-batches-py"
-TEST_BATCH = "test_batch"
-META = "batches.meta"
 METADATA = "metadata.npz"
 RECORD = "split.json"
 MONTAGE = "examples.png"
-PICKLE_PROTOCOL = 2  # what CIFAR-10's own files use
 
 # Short style names for the montage's cells.
 _STYLE_LABELS = ("photo", "blurry", "dark", "b/w", "low contrast",
@@ -86,12 +74,6 @@ def sample_test_split(num_images: int, seed: int
   return images, labels, scenes, texts
 
 
-def cifar_rows(images: np.ndarray) -> np.ndarray:
-  """uint8 `[N, H, W, 3]` -> CIFAR rows `[N, 3 * H * W]` (R, G, B planes)."""
-  n = images.shape[0]
-  return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(n, -1))
-
-
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
   """Writes through a temporary file, so readers never see half a file."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -106,66 +88,17 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
     raise
 
 
-class _CifarPickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Pickles the way CIFAR-10's own files were written (Python 2, protocol 2).
-
-  Python 3 pickles bytes under protocol 2 as `_codecs.encode(text, 'latin1')`
-  calls, which load as bytes only; CIFAR-10's Python 2 files hold raw
-  (SHORT_)BINSTRINGs, which load as bytes with `encoding='bytes'` and as str
-  with `encoding='latin1'` (what torchvision's reader passes). NumPy 2 names
-  its array reconstructor `numpy._core.multiarray`, a module NumPy 1 lacks;
-  CIFAR-10 names `numpy.core.multiarray`, which both NumPy 1 and 2 resolve.
-  Only the pure-Python pickler lets a subclass change how bytes are written.
-  """
-
-  dispatch = pickle._Pickler.dispatch.copy()  # pylint: disable=protected-access
-
-  def save_bytes(self, obj: bytes) -> None:
-    if len(obj) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-    else:
-      self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-    self.memoize(obj)
-
-  dispatch[bytes] = save_bytes
-
-  def save_global(self, obj: Any, name: str | None = None) -> None:
-    if (getattr(obj, "__module__", None) == "numpy._core.multiarray"
-        and getattr(obj, "__name__", None) == "_reconstruct"):
-      self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-      self.memoize(obj)
-      return
-    super().save_global(obj, name)
-
-
-def _cifar_pickle(obj: Any) -> bytes:
-  buffer = io.BytesIO()
-  _CifarPickler(buffer, protocol=PICKLE_PROTOCOL).dump(obj)
-  return buffer.getvalue()
-
-
 def pickle_test_batch(images: np.ndarray, labels: np.ndarray,
-                     batch_label: str) -> bytes:
-  """The pickled CIFAR-10 `test_batch` dict of uint8 `images [N, H, W, 3]`."""
-  names = [f"toy_{cat.TOY_CLASSES[k]}_{i:06d}.png".encode("ascii")
+                      batch_label: str) -> bytes:
+  """The pickled CIFAR-10 `test_batch` of uint8 `images [N, H, W, 3]`."""
+  names = [f"toy_{cat.TOY_CLASSES[k]}_{i:06d}.png"
            for i, k in enumerate(labels.tolist())]
-  batch = {
-      b"batch_label": batch_label.encode("ascii"),
-      b"labels": [int(k) for k in labels],
-      b"data": cifar_rows(images),
-      b"filenames": names,
-  }
-  return _cifar_pickle(batch)
+  return cifar.pickle_cifar_batch(images, labels, batch_label, names)
 
 
 def pickle_meta(num_cases: int, num_vis: int) -> bytes:
-  """The pickled CIFAR-10 `batches.meta` dict with the toy class names."""
-  meta = {
-      b"num_cases_per_batch": int(num_cases),
-      b"label_names": [name.encode("ascii") for name in cat.TOY_CLASSES],
-      b"num_vis": int(num_vis),
-  }
-  return _cifar_pickle(meta)
+  """The pickled CIFAR-10 `batches.meta` with the toy class names."""
+  return cifar.pickle_cifar_meta(cat.TOY_CLASSES, num_cases, num_vis)
 
 
 def _counts(values: np.ndarray, names: Sequence[str],
@@ -242,15 +175,17 @@ def write_test_split(out_dir: str | os.PathLike, num_images: int = 1000,
   out = pathlib.Path(out_dir)
   images, labels, scenes, texts = sample_test_split(num_images, seed)
   n = len(labels)
+  batch_name = f"{cifar.CIFAR10_DIRNAME}/{cifar.CIFAR10_TEST_BATCH}"
+  meta_name = f"{cifar.CIFAR10_DIRNAME}/{cifar.CIFAR10_META}"
   try:
-    (out / CIFAR_DIRNAME).mkdir(parents=True, exist_ok=True)
+    (out / cifar.CIFAR10_DIRNAME).mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise DataError(f"cannot create {out / CIFAR_DIRNAME}: {e}") from e
+    raise DataError(f"cannot create {out / cifar.CIFAR10_DIRNAME}: {e}") from e
 
   batch = pickle_test_batch(
       images, labels,
       f"testing batch 1 of 1 ({cat.GENERATOR_VERSION}, seed {seed})")
-  meta = pickle_meta(n, cifar_rows(images[:1]).shape[1])
+  meta = pickle_meta(n, cifar.cifar_rows(images[:1]).shape[1])
   attributes = scenes.attributes()
   matches = captions_lib.template_matches(attributes)
   arrays = {
@@ -272,8 +207,8 @@ def write_test_split(out_dir: str | os.PathLike, num_images: int = 1000,
       "templates": np.array(captions_lib.TOY_TEMPLATES),
   }
   metadata = npz_bytes(arrays)
-  _write_atomic(out / CIFAR_DIRNAME / TEST_BATCH, batch)
-  _write_atomic(out / CIFAR_DIRNAME / META, meta)
+  _write_atomic(out / batch_name, batch)
+  _write_atomic(out / meta_name, meta)
   _write_atomic(out / METADATA, metadata)
 
   record = {
@@ -298,11 +233,11 @@ def write_test_split(out_dir: str | os.PathLike, num_images: int = 1000,
       "template_support": dict(zip(captions_lib.TOY_TEMPLATES,
                                    matches.sum(axis=0).tolist())),
       "files": {
-          f"{CIFAR_DIRNAME}/{TEST_BATCH}": _sha256(batch),
-          f"{CIFAR_DIRNAME}/{META}": _sha256(meta),
+          batch_name: _sha256(batch),
+          meta_name: _sha256(meta),
           METADATA: _sha256(metadata),
       },
-      "pickle_protocol": PICKLE_PROTOCOL,
+      "pickle_protocol": cifar.PICKLE_PROTOCOL,
       "numpy_version": np.__version__,
   }
   if write_montage:
@@ -311,34 +246,3 @@ def write_test_split(out_dir: str | os.PathLike, num_images: int = 1000,
   _write_atomic(out / RECORD,
                 (json.dumps(record, indent=2) + "\n").encode("utf-8"))
   return record
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m ovc_jax.toy_world.split",
-      description="Write the toy world's held-out test split (CIFAR-10 "
-                  "layout), its metadata and an example montage.")
-  parser.add_argument("--out", default="checkpoints/toy_world",
-                      help="output folder (default: %(default)s)")
-  parser.add_argument("--num_images", type=int, default=1000,
-                      help="images in the split, balanced over the classes "
-                           "(default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="the split's seed (default: %(default)s)")
-  parser.add_argument("--no_montage", action="store_true",
-                      help="skip examples.png")
-  args = parser.parse_args(argv)
-  try:
-    record = write_test_split(args.out, args.num_images, args.seed,
-                              write_montage=not args.no_montage)
-  except OVCError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {record['num_images']} images ({cat.NUM_CLASSES} classes) to "
-        f"{args.out}; test_batch sha256 "
-        f"{record['files'][f'{CIFAR_DIRNAME}/{TEST_BATCH}']}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
