@@ -21,7 +21,8 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_FIRST100 = SHARED_DATA / "cifar10-first100"
 needs_cifar = pytest.mark.skipif(
     not (CIFAR_FIRST100 / "test_batch").is_file(),
-    reason=f"{CIFAR_FIRST100} is absent")
+    reason=(f"needs the first 100 CIFAR-10 test images in the cifar-10-batches-py "
+            f"layout (test_batch, batches.meta) at {CIFAR_FIRST100}"))
 
 
 # --------------------------------------------------------------------------
