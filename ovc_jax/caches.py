@@ -16,10 +16,17 @@ keeps the model checkpoints. No cache ever uses pickle (`allow_pickle=False`).
 The metadata records what the cache was made from (model name and weights
 fingerprint, preprocessing, noise space, sigma, n0, n, the noise key, dtype, the
 input's fingerprint, the dataset's class count) and a CRC-32, shape and dtype
-per array. `load_cache` refuses a cache whose provenance differs from what the
-caller expects, naming the field, and a truncated or corrupted one. A cache is
-written into a temporary directory and renamed into place, so a killed run
-leaves either a whole cache or none.
+per array, and a sha256 `checksum` over all of that (the canonical JSON of the
+metadata without the checksum, which holds every array's CRC-32), so metadata
+and arrays are bound together: an edited metadata.json is refused like a
+corrupted array. `load_cache` refuses a cache whose provenance differs from
+what the caller expects, naming the field, and a truncated or corrupted one. A
+cache is written into a temporary directory and renamed into place, so a killed
+run leaves either a whole cache or none.
+
+A checksum cannot tell a cache whose metadata was rewritten consistently (or
+written by a buggy caller) from a true one; for embedding caches
+`ovc.verify_embedding_samples` can, by regenerating a few noisy samples.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
 from ovc_jax.certifiers.modified_irs import KnownPrompts
 from ovc_jax.certifiers.mvn_ovc import GaussianFit
+from ovc_jax.classifiers import check_class_embeddings
 from ovc_jax.errors import CacheError
 
-FORMAT_VERSION = 1
+# 2: the metadata carries a sha256 checksum over itself and the arrays' CRCs.
+FORMAT_VERSION = 2
 KINDS = ("embeddings", "gaussian", "known")
 _METADATA = "metadata.json"
 
@@ -115,6 +124,15 @@ def _crc32(arr: np.ndarray) -> int:
   return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
+def metadata_checksum(metadata: Mapping[str, Any]) -> str:
+  """sha256 of the canonical JSON of a cache's metadata without its
+  "checksum" field (the arrays' CRC-32s are part of it)."""
+  body = {k: v for k, v in metadata.items() if k != "checksum"}
+  text = json.dumps(body, sort_keys=True, separators=(",", ":"),
+                    ensure_ascii=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_cache(directory: str, kind: str, provenance: Provenance,
                arrays: Mapping[str, Any],
                extra: Mapping[str, Any] | None = None) -> int:
@@ -143,6 +161,9 @@ def save_cache(directory: str, kind: str, provenance: Provenance,
     metadata = {"format_version": FORMAT_VERSION, "kind": kind,
                 "provenance": provenance.to_dict(), "arrays": entries,
                 "extra": dict(extra or {}), "bytes": total}
+    # Round-trip through JSON first, so the checksum is over what is read back.
+    metadata = json.loads(json.dumps(metadata))
+    metadata["checksum"] = metadata_checksum(metadata)
     with open(os.path.join(tmp, _METADATA), "w") as f:
       json.dump(metadata, f, indent=1)
     if os.path.exists(directory):
@@ -204,10 +225,24 @@ def load_cache(directory: str, kind: str,
                      "an interrupted write") from e
   except (OSError, json.JSONDecodeError) as e:
     raise CacheError(f"cache metadata {meta_path} is corrupted: {e}") from e
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise CacheError(f"cache {directory} has format version "
-                     f"{meta.get('format_version')}; this ovc_jax reads "
-                     f"{FORMAT_VERSION}")
+  version = meta.get("format_version") if isinstance(meta, dict) else None
+  if version != FORMAT_VERSION:
+    if isinstance(version, int) and version < FORMAT_VERSION:
+      raise CacheError(
+          f"cache {directory} was made by an older ovc_jax (cache format "
+          f"{version}; this one reads {FORMAT_VERSION}, whose checksum also "
+          "covers the metadata); delete it and certify again to rebuild it")
+    if isinstance(version, int):
+      raise CacheError(
+          f"cache {directory} was made by a newer ovc_jax (cache format "
+          f"{version}; this one reads {FORMAT_VERSION}); update ovc_jax or "
+          "delete the cache")
+    raise CacheError(f"cache {directory} has no valid format version "
+                     f"({version!r}): not an ovc_jax cache")
+  if meta.get("checksum") != metadata_checksum(meta):
+    raise CacheError(
+        f"cache metadata {meta_path} does not match its checksum: it was "
+        "edited or corrupted; delete the cache and certify again to rebuild it")
   if meta.get("kind") != kind:
     raise CacheError(f"cache {directory} holds {meta.get('kind')!r}, "
                      f"not {kind!r}")
@@ -249,9 +284,21 @@ def save_embeddings(directory: str, draws: EmbeddingDraws,
 
 
 def load_embeddings(directory: str, expected: Provenance) -> EmbeddingDraws:
-  """The embeddings, memory-mapped; raises CacheError if they do not fit."""
+  """The embeddings, memory-mapped; raises CacheError if they do not fit.
+
+  (To check them against the model too, see `ovc.verify_embedding_samples`.)
+  """
   cache = load_cache(directory, "embeddings", expected)
-  return EmbeddingDraws(cache.arrays["selection"], cache.arrays["estimation"])
+  draws = EmbeddingDraws(cache.arrays["selection"], cache.arrays["estimation"])
+  for name, arr, want in (("selection", draws.selection, expected.n0),
+                          ("estimation", draws.estimation, expected.n)):
+    if arr.ndim != 2 or arr.shape[0] != want:
+      raise CacheError(f"cache {directory} holds {name} embeddings of shape "
+                       f"{arr.shape}; {want} draws [{want}, d] expected")
+  if draws.selection.shape[1] != draws.estimation.shape[1]:
+    raise CacheError(f"cache {directory} holds selection and estimation "
+                     "embeddings of different sizes")
+  return draws
 
 
 def save_gaussian(directory: str, fit: GaussianFit,
@@ -293,7 +340,8 @@ def load_known(directory: str, expected: Provenance, class_embeddings: Any, *,
   if templates is not None and cache.extra.get("templates") != list(templates):
     raise CacheError(f"known-prompt cache {directory} was made for other "
                      "known prompts than this run's")
-  class_embeddings = np.asarray(jax.device_get(class_embeddings))
+  class_embeddings = np.asarray(jax.device_get(
+      check_class_embeddings(class_embeddings, ndims=(3,))))
   if class_embeddings.shape[0] != cache.arrays["predictions"].shape[0]:
     raise CacheError(
         f"known-prompt cache {directory} holds "

@@ -11,6 +11,13 @@ the counts:
 `certificate_from_counts_jax` its jittable twin, so there is one place where a
 certificate is made from counts. `SmoothingParams` bundles the numbers every
 certifier is called with.
+
+n is always passed explicitly: it is the number of estimation draws, not the
+sum of the counts. A draw with no class (a non-finite embedding, see
+`ovc_jax.classifiers`) is in no count, so the counts can sum to less than n,
+and dividing by their sum would raise pA. With n the draws made, such a draw
+counts as a miss, which only lowers pA_lower. If no selection draw has a
+class, the certificate abstains.
 """
 
 from __future__ import annotations
@@ -115,14 +122,26 @@ def certificate_from_lower_bound(prediction: int, p_lower: float,
   return Certificate(ABSTAIN, 0.0, float(max(p_lower, 0.0)), counts)
 
 
+def check_counts(counts: np.ndarray, n: int) -> None:
+  """Raises ConfigError unless `counts` are >= 0 and sum to at most n draws."""
+  if not _is_count(n, 1):
+    raise ConfigError(f"n (the number of draws) must be an integer >= 1; got {n}")
+  counts = np.asarray(counts)
+  if counts.size and (counts.min() < 0 or counts.sum() > n):
+    raise ConfigError(f"counts {counts.tolist()} do not fit n = {n} draws "
+                      "(negative, or summing to more than n)")
+
+
 def certificate_from_counts(counts0: np.ndarray, counts: np.ndarray, *,
-                            sigma: float, alpha: float,
+                            n: int, sigma: float, alpha: float,
                             margin: float = 0.0) -> Certificate:
   """CERTIFY's last lines, given the selection and estimation histograms.
 
   Args:
     counts0: `[C]` selection counts (which class to certify).
-    counts: `[C]` estimation counts; n = counts.sum().
+    counts: `[C]` estimation counts.
+    n: the number of estimation draws made; the counts may sum to less (draws
+      with no class), and those draws count against pA.
     sigma: the noise level the counts were drawn at.
     alpha: the certificate holds with probability >= 1 - alpha.
     margin: subtracted from pA_lower before the radius (MVN-OVC's delta; 0 for
@@ -130,41 +149,48 @@ def certificate_from_counts(counts0: np.ndarray, counts: np.ndarray, *,
 
   Returns:
     The certificate. Ties in counts0 go to the lowest class index, as in Cohen
-    et al.'s `counts.argmax()`.
+    et al.'s `counts.argmax()`; if counts0 is all zero, ABSTAIN.
   """
   counts0 = np.asarray(counts0, np.int64)
   counts = np.asarray(counts, np.int64)
+  check_counts(counts, n)
+  if not counts0.any():
+    return certificate_from_lower_bound(ABSTAIN, 0.0, counts, sigma)
   c_a = int(np.argmax(counts0))
-  p_lower = bounds.clopper_pearson_lower(int(counts[c_a]), int(counts.sum()),
+  p_lower = bounds.clopper_pearson_lower(int(counts[c_a]), int(n),
                                          alpha) - margin
   return certificate_from_lower_bound(c_a, p_lower, counts, sigma)
 
 
 def certificates_from_counts(counts0: np.ndarray, counts: np.ndarray, *,
-                             sigma: float, alpha: float,
+                             n: int, sigma: float, alpha: float,
                              margin: float = 0.0) -> list[Certificate]:
-  """One certificate per classifier: counts `[C]` or `[P, C]`."""
+  """One certificate per classifier: counts `[C]` or `[P, C]`, from n draws."""
   counts0, counts = jax.device_get((counts0, counts))
-  return [certificate_from_counts(c0, c, sigma=sigma, alpha=alpha,
+  return [certificate_from_counts(c0, c, n=n, sigma=sigma, alpha=alpha,
                                   margin=margin)
           for c0, c in zip(np.atleast_2d(counts0), np.atleast_2d(counts))]
 
 
 def certificate_from_counts_jax(counts0: jax.Array, counts: jax.Array,
                                 sigma: jax.Array, alpha: jax.Array,
-                                margin: jax.Array = 0.0):
+                                margin: jax.Array = 0.0, *, n: jax.Array):
   """Jittable `certificate_from_counts`: (prediction, radius, pA_lower).
 
-  The same rule with the JAX bounds of `ovc_jax.bounds` (see their stated
-  precision), for a certify step that runs inside other JAX code.
+  The same rule with the JAX bounds of `ovc_jax.bounds`, which round toward
+  safety (see there): pA_lower is never above the scipy one, so the radius
+  never exceeds `certificate_from_counts`' (it may be smaller by up to twice
+  the bounds' stated precision). `n` is the number of estimation draws, as
+  there; the arguments are not range-checked.
   """
   c_a = jnp.argmax(counts0, axis=-1)
+  any_class = jnp.any(counts0 > 0, axis=-1)
   n_a = jnp.take_along_axis(counts, c_a[..., None], axis=-1)[..., 0]
-  p_lower = bounds.clopper_pearson_lower_jax(
-      n_a, jnp.sum(counts, axis=-1), alpha) - margin
-  certified = p_lower > 0.5
-  radius = jnp.where(
-      certified, sigma * jax.scipy.stats.norm.ppf(jnp.clip(p_lower, 0.5, 1.0)),
-      0.0)
+  p_lower = bounds.clopper_pearson_lower_jax(n_a, n, alpha) - margin
+  certified = any_class & (p_lower > 0.5)
+  radius = sigma * jax.scipy.stats.norm.ppf(jnp.clip(p_lower, 0.5, 1.0))
+  # PhiInv and sigma in float32 round too: take a few ulps off the radius.
+  radius = radius * (1.0 - 8 * jnp.finfo(radius.dtype).eps)
+  radius = jnp.where(certified, radius, 0.0)
   return (jnp.where(certified, c_a, ABSTAIN), radius,
-          jnp.maximum(p_lower, 0.0))
+          jnp.where(any_class, jnp.maximum(p_lower, 0.0), 0.0))

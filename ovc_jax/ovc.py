@@ -10,6 +10,11 @@
      in `NOVEL_CERTIFIERS` (standard RS, Modified-IRS, Cached-OVC, MVN-OVC),
      from those caches, in memory (`OVCCaches`) or on disk (`StoredCaches`).
 
+A stored embedding cache can be checked against the model itself: noise sample
+i is a pure function of the key, so `verify_embedding_samples` regenerates a
+few randomly chosen samples and compares their embeddings with the cached ones
+(`StoredCaches(..., verify=NovelInput(...))` does so on every load).
+
 Example:
   classifier = EmbeddingClassifier(loaded.model.embed_images)
   params = OVCParams(SmoothingParams(sigma=0.25, n=10_000), IRSParams(n_p=1000))
@@ -26,6 +31,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ovc_jax import caches as cache_io
 from ovc_jax import certificates
@@ -39,9 +45,19 @@ from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
 from ovc_jax.certifiers.modified_irs import IRSParams, IRSResult, KnownPrompts
 from ovc_jax.certifiers.mvn_ovc import GaussianFit, MVNParams
 from ovc_jax.classifiers import EmbeddingClassifier
-from ovc_jax.errors import ConfigError
+from ovc_jax.errors import CacheError, ConfigError
 
 DEFAULT_CACHED_BATCH_SIZE = 10_000
+
+# How far a regenerated noisy embedding (L2-normalised, float32) may be from
+# the cached one, max abs over its entries, by the encoder's compute dtype. A
+# recomputation differs only by the batch it ran in (another kernel, another
+# summation order). On the toy CLIP (CPU, batch 1 against 256) that was at
+# most 1.2e-7 in float32 and 1.3e-3 in bfloat16, while the same sample at
+# another sigma (0.5 for 0.25) or from another stream differed by at least
+# 1.5e-2 in every one of 1000 samples.
+EMBEDDING_CHECK_ATOL = {"float32": 1e-4, "bfloat16": 1e-2}
+DEFAULT_VERIFY_SAMPLES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +137,121 @@ def save_caches(directory: str, ovc_caches: OVCCaches,
   }
 
 
+class NovelInput(NamedTuple):
+  """The input a novel prompt is certified on, with the classifier's image side."""
+
+  classifier: EmbeddingClassifier
+  encoder_params: Any
+  x: jax.Array
+  key: jax.Array
+
+
+def embedding_check_tolerance(dtype: str) -> float:
+  """`EMBEDDING_CHECK_ATOL` of a compute dtype ('float32' or 'bfloat16')."""
+  if dtype not in EMBEDDING_CHECK_ATOL:
+    raise ConfigError(f"no embedding check tolerance for dtype {dtype!r}; "
+                      f"choose from {sorted(EMBEDDING_CHECK_ATOL)}")
+  return EMBEDDING_CHECK_ATOL[dtype]
+
+
+def _compute_dtype(classifier: Any) -> str:
+  """The encoder's compute dtype where it says (`loaded.model.embed_images`,
+  a bound method, possibly wrapped, e.g. by CLIPure), else 'float32'."""
+  encoder = getattr(classifier, "encoder", None)
+  for _ in range(4):
+    if encoder is None:
+      break
+    for owner in (getattr(encoder, "model", None),
+                  getattr(encoder, "__self__", None)):
+      if isinstance(getattr(owner, "dtype", None), str):
+        return owner.dtype
+    encoder = getattr(encoder, "encoder", None)
+  return "float32"
+
+
+def verify_embedding_samples(classifier: EmbeddingClassifier,
+                             encoder_params: Any, x: jax.Array, key: jax.Array,
+                             draws: EmbeddingDraws, smoothing: SmoothingParams,
+                             *, num_checks: int = DEFAULT_VERIFY_SAMPLES,
+                             seed: int | None = None,
+                             atol: float | None = None,
+                             name: str = "the embedding cache",
+                             ) -> list[tuple[str, int]]:
+  """Checks cached noisy embeddings against the model, sample by sample.
+
+  Noise sample i of a stream is a pure function of the input's key, so it can
+  be drawn again alone (`sampler.sample_under_noise(..., first_index=i,
+  num_samples=1)` on the "selection" or "estimation" stream) and embedded.
+  This draws `num_checks` randomly chosen samples again (half from each
+  stream, the odd one from the estimation draws) and compares their
+  embeddings with the cached ones. It catches what no checksum can: a cache
+  whose metadata claims another sigma, input, key or model than its arrays
+  were made with (rewritten consistently, or by a buggy caller).
+
+  Args:
+    classifier, encoder_params, x, key: as for `certify_known_prompts`.
+    draws: the cached embeddings.
+    smoothing: sigma (and n0, n, which must match the cache's shape).
+    num_checks: how many samples to regenerate (0: none).
+    seed: which samples (None: fresh randomness each call).
+    atol: the largest max-abs difference accepted; default
+      `EMBEDDING_CHECK_ATOL` of the encoder's compute dtype. Non-finite
+      entries must be non-finite in both.
+    name: how the CacheError names the cache.
+
+  Returns:
+    The (stream, index) pairs checked.
+
+  Raises:
+    CacheError: naming the first sample whose embedding differs, and by how
+      much.
+  """
+  if not isinstance(num_checks, (int, np.integer)) or num_checks < 0:
+    raise ConfigError(f"num_checks must be an integer >= 0; got {num_checks}")
+  if num_checks == 0:
+    return []
+  atol = (embedding_check_tolerance(_compute_dtype(classifier))
+          if atol is None else float(atol))
+  x = sampler.check_input(x)
+  cached = {"selection": draws.selection, "estimation": draws.estimation}
+  want = {"selection": smoothing.n0, "estimation": smoothing.n}
+  for stream, arr in cached.items():
+    if np.ndim(arr) != 2 or np.shape(arr)[0] != want[stream]:
+      raise CacheError(f"{name} holds {stream} embeddings of shape "
+                       f"{np.shape(arr)}; {want[stream]} draws expected")
+  d = int(np.shape(draws.estimation)[1])
+  model_d = classifier.embedding_size(encoder_params, x.shape)
+  if model_d != d:
+    raise CacheError(f"{name} holds embeddings of size {d} but the model's "
+                     f"have size {model_d}: it was made with another model")
+  rng = np.random.default_rng(seed)
+  picks = []
+  for stream, count in (("selection", num_checks // 2),
+                        ("estimation", num_checks - num_checks // 2)):
+    m = want[stream]
+    picks += [(stream, int(i)) for i in
+              np.sort(rng.choice(m, size=min(count, m), replace=False))]
+  params = classifier.params(encoder_params, jnp.zeros((1, d), jnp.float32))
+  for stream, i in picks:
+    regenerated = np.asarray(sampler.sample_under_noise(
+        classifier, params, x, sampler.stream_key(key, stream),
+        num_samples=1, sigma=smoothing.sigma, batch_size=1,
+        outputs=("embeddings",), first_index=i)["embeddings"][0], np.float32)
+    stored = np.asarray(cached[stream][i], np.float32)
+    both_nan = np.isnan(stored) & np.isnan(regenerated)
+    with np.errstate(invalid="ignore"):
+      diff = np.where(both_nan, 0.0, np.abs(stored - regenerated))
+    worst = float(np.max(np.where(np.isnan(diff), np.inf, diff)))
+    if not worst <= atol:
+      raise CacheError(
+          f"{name}: the cached embedding of {stream} sample {i} differs from "
+          f"the one the model gives for that noise draw by {worst:.3g} (max "
+          f"abs; tolerance {atol:g}), so the cache was not made from this "
+          "input, key, sigma and model, whatever its metadata says; delete it "
+          "and certify again to rebuild it")
+  return picks
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredCaches:
   """An input's caches on disk (as `save_caches` wrote them), read and checked
@@ -132,12 +263,21 @@ class StoredCaches:
     known_class_embeddings: the known prompts' class matrices [P, C, d]
       (Modified-IRS's tie-break; not stored in the cache).
     templates: the known prompts' templates, checked if given.
+    verify: the model and input (`NovelInput(classifier, encoder_params, x,
+      key)`) to check loaded embeddings against with
+      `verify_embedding_samples` (at the provenance's sigma, with the
+      tolerance of its dtype); None: not checked.
+    verify_samples: how many samples that regenerates per load (0: none).
+    verify_seed: which samples (None: fresh randomness each load).
   """
 
   directory: str
   provenance: cache_io.Provenance
   known_class_embeddings: Any = None
   templates: tuple[str, ...] | None = None
+  verify: NovelInput | None = None
+  verify_samples: int = DEFAULT_VERIFY_SAMPLES
+  verify_seed: int | None = None
 
   def load_known(self) -> KnownPrompts:
     if self.known_class_embeddings is None:
@@ -148,8 +288,17 @@ class StoredCaches:
         templates=None if self.templates is None else list(self.templates))
 
   def load_embeddings(self) -> EmbeddingDraws:
-    return cache_io.load_embeddings(os.path.join(self.directory, "embeddings"),
-                                    self.provenance)
+    directory = os.path.join(self.directory, "embeddings")
+    draws = cache_io.load_embeddings(directory, self.provenance)
+    if self.verify is not None and self.verify_samples:
+      prov = self.provenance
+      verify_embedding_samples(
+          *self.verify, draws,
+          SmoothingParams(sigma=prov.sigma, n0=prov.n0, n=prov.n),
+          num_checks=self.verify_samples, seed=self.verify_seed,
+          atol=embedding_check_tolerance(prov.dtype),
+          name=f"cache {directory}")
+    return draws
 
   def load_gaussian(self) -> GaussianFit:
     return cache_io.load_gaussian(os.path.join(self.directory, "gaussian"),
@@ -188,7 +337,7 @@ def certify_known_prompts(classifier: EmbeddingClassifier, encoder_params: Any,
       n=smoothing.n, batch_size=smoothing.batch_size,
       outputs=("counts", "predictions", "embeddings"), mesh=mesh)
   certs = certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"],
+      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha)
   embeddings = cached_ovc.embeddings_from_draws(draws)
   known = modified_irs.known_prompts_from_draws(
@@ -214,15 +363,6 @@ class NovelResult(NamedTuple):
   approximate: bool
   confidence: float | None
   irs: IRSResult | None = None
-
-
-class NovelInput(NamedTuple):
-  """The input a novel prompt is certified on, with the classifier's image side."""
-
-  classifier: EmbeddingClassifier
-  encoder_params: Any
-  x: jax.Array
-  key: jax.Array
 
 
 def _standard(inp: NovelInput, _: CacheSource, class_embeddings,

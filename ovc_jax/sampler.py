@@ -34,6 +34,9 @@ from ovc_jax.errors import ConfigError, InputError
 # outputs maps "predictions" to int [B] (or [B, P] for P classifiers at once)
 # and, optionally, "embeddings" to [B, d]. It must be hashable (a module-level
 # function or a frozen dataclass) because it is a static argument of `jax.jit`.
+# A prediction outside [0, C) (e.g. -1 for a sample with no class) is counted
+# for no class. If it has `check_params(params, input_shape)`, every sampler
+# call runs it first (it raises for params it cannot honour).
 ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
 
 OUTPUTS = ("counts", "predictions", "embeddings")
@@ -257,6 +260,12 @@ def sample_under_noise(
     raise ConfigError("apply_fn must be hashable (a function or frozen dataclass)")
   if first_index < 0:
     raise ConfigError(f"first_index must be >= 0; got {first_index}")
+  check_params = getattr(apply_fn, "check_params", None)
+  if check_params is not None:
+    # e.g. EmbeddingClassifier: a class matrix with NaN, or of another
+    # embedding size than the encoder's, is an InputError here, not a wrong
+    # count or an error from inside the compiled program.
+    check_params(params, np.shape(x))
   return _sample(apply_fn, params, jnp.asarray(x), key,
                  jnp.asarray(sigma, jnp.float32),
                  jnp.asarray(first_index, jnp.int32),

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
 from ovc_jax import bounds
+from ovc_jax import certificates
 from ovc_jax.errors import ConfigError
 
 NS = [1, 2, 3, 10, 100, 1000, 10**4, 10**5, 10**6]
@@ -102,28 +104,93 @@ JAX_SCRIPT = textwrap.dedent("""
       jax.config.update("jax_enable_x64", True)
     import numpy as np
     from ovc_jax import bounds
-    k, n, a = (np.array(v) for v in zip(*{grid!r}))
+    k, n, a = (np.array(v) for v in zip(*eval(sys.stdin.read())))
     lo = jax.jit(bounds.clopper_pearson_lower_jax)(k, n, a)
     up = jax.jit(bounds.clopper_pearson_upper_jax)(k, n, a)
     print(repr((np.asarray(lo, np.float64).tolist(), np.asarray(up, np.float64).tolist())))
 """)
 
 
-@pytest.mark.parametrize("mode", ["x64", "float32"])
-def test_jax_bounds_agree_with_scipy(mode):
+def _dense_grid():
+  """Evenly spaced k at large n, where JAX's own float32 betainc (200
+  continued-fraction terms) put the lower bound up to 2.5e-3 too high."""
+  for n in (10**4, 10**6):
+    for k in np.unique(np.linspace(0, n, 1001).astype(int)):
+      for a in (0.1, 1e-3, 1e-6):
+        yield int(k), n, a
+
+
+@pytest.fixture(scope="module", params=["x64", "float32"])
+def jax_bounds(request):
   # A subprocess, because x64 is a process-wide switch.
-  grid = list(_grid())
+  mode = request.param
+  grid = list(_grid()) + list(_dense_grid())
   proc = subprocess.run(
-      [sys.executable, "-c", JAX_SCRIPT.format(grid=grid), mode],
-      capture_output=True, text=True, timeout=300,
+      [sys.executable, "-c", JAX_SCRIPT, mode], input=repr(grid),
+      capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   lo_jax, up_jax = (np.array(v) for v in eval(proc.stdout.strip().splitlines()[-1]))
   k, n, a = (np.array(v) for v in zip(*grid))
+  return mode, k, n, a, lo_jax, up_jax
+
+
+def test_jax_bounds_agree_with_scipy(jax_bounds):
+  mode, k, n, a, lo_jax, up_jax = jax_bounds
+  sparse = len(list(_grid()))  # the grid this test has always checked
+  k, n, a, lo_jax, up_jax = (v[:sparse] for v in (k, n, a, lo_jax, up_jax))
   lo, up = bounds.clopper_pearson_lower(k, n, a), bounds.clopper_pearson_upper(k, n, a)
   if mode == "x64":
-    tol = np.full(len(grid), 1e-9)
+    tol = np.full(len(k), 1e-9)
   else:
     tol = np.array([bounds.jax_float32_tolerance(nn) for nn in n])
   assert np.all(np.abs(lo_jax - lo) <= tol), np.max(np.abs(lo_jax - lo) - tol)
   assert np.all(np.abs(up_jax - up) <= tol), np.max(np.abs(up_jax - up) - tol)
+
+
+def test_jax_bounds_round_toward_safety(jax_bounds):
+  """Lower bounds never above scipy's, upper bounds never below, and each
+  within the stated tolerance (twice the safety margin) of it, also on a
+  dense grid of k at n = 10^4 and 10^6."""
+  mode, k, n, a, lo_jax, up_jax = jax_bounds
+  lo, up = bounds.clopper_pearson_lower(k, n, a), bounds.clopper_pearson_upper(k, n, a)
+  if mode == "x64":
+    tol = np.full(len(k), bounds.JAX_FLOAT64_TOLERANCE)
+  else:
+    tol = np.array([bounds.jax_float32_tolerance(nn) for nn in n])
+  assert np.all(lo_jax <= lo), (np.max(lo_jax - lo), k[np.argmax(lo_jax - lo)])
+  assert np.all(up_jax >= up), (np.max(up - up_jax), k[np.argmax(up - up_jax)])
+  assert np.all(lo - lo_jax <= tol), np.max(lo - lo_jax - tol)
+  assert np.all(up_jax - up <= tol), np.max(up_jax - up - tol)
+  assert np.all((0 <= lo_jax) & (lo_jax <= up_jax) & (up_jax <= 1))
+  # The exact edges stay exact.
+  assert np.all(lo_jax[k == 0] == 0.0) and np.all(up_jax[k == n] == 1.0)
+
+
+def test_jax_certificate_radius_never_exceeds_scipy():
+  """certificate_from_counts_jax (float32 here) never certifies a larger
+  radius than certificate_from_counts, nor another class."""
+  rows = []
+  for n in (100, 1000, 10**4, 10**5, 10**6):
+    for k in np.unique(np.linspace(n // 2, n, 41).astype(int)):
+      for a in (1e-3, 1e-6):
+        for sigma in (0.12, 0.25, 0.5, 1.0):
+          rows.append((k, n, a, sigma))
+  k, n, a, sigma = (np.array(v) for v in zip(*rows))
+  counts = np.stack([k, n - k], axis=1)
+  counts0 = np.tile([10, 1], (len(rows), 1))
+  pred, radius, p_lower = jax.jit(certificates.certificate_from_counts_jax)(
+      counts0, counts, sigma, a, n=n)
+  pred, radius, p_lower = (np.asarray(v, np.float64) for v in (pred, radius, p_lower))
+  certified = 0
+  for i, row in enumerate(rows):
+    ref = certificates.certificate_from_counts(counts0[i], counts[i], n=int(n[i]),
+                                               sigma=float(sigma[i]),
+                                               alpha=float(a[i]))
+    assert radius[i] <= ref.radius, (row, radius[i], ref.radius)
+    assert p_lower[i] <= ref.pA_lower, (row, p_lower[i], ref.pA_lower)
+    assert pred[i] in (ref.prediction, certificates.ABSTAIN), row
+    if ref.prediction != certificates.ABSTAIN:
+      certified += 1
+      assert ref.pA_lower - p_lower[i] <= bounds.jax_float32_tolerance(n[i])
+  assert certified > len(rows) // 2

@@ -57,8 +57,8 @@ def first_prompt_run(encoder_params, prompt, x, key, sigma):
       key, sigma=sigma, num_classes=C, n0=KW["n0"], n=KW["n"],
       batch_size=KW["batch_size"], outputs=("counts", "embeddings"))
   cert = certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"], sigma=sigma,
-      alpha=KW["alpha"])[0]
+      draws.selection["counts"], draws.estimation["counts"], n=KW["n"],
+      sigma=sigma, alpha=KW["alpha"])[0]
   return cert, cached_ovc.embeddings_from_draws(draws)
 
 
@@ -226,3 +226,51 @@ def test_prompt_of_another_size_is_refused(saved_cache):
   cache = saved_cache[1]
   with pytest.raises(InputError, match="embedding size"):
     cached_ovc.certify_cached(cache, jnp.ones((C, E + 1)), sigma=0.25)
+
+
+def _rewrite_metadata(directory, edit, *, recompute_checksum):
+  import json
+  path = os.path.join(directory, "metadata.json")
+  with open(path) as f:
+    meta = json.load(f)
+  edit(meta)
+  if recompute_checksum:
+    meta["checksum"] = caches.metadata_checksum(meta)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+def test_refuses_edited_metadata(saved_cache, tmp_path):
+  """The checksum covers the metadata: a cache made at sigma 0.25 whose
+  metadata.json was edited to say 0.5 is refused, not used at 0.5."""
+  target = _copy(saved_cache[0], tmp_path)
+  _rewrite_metadata(target, lambda m: m["provenance"].update(sigma=0.5),
+                    recompute_checksum=False)
+  with pytest.raises(CacheError, match="does not match its checksum"):
+    caches.load_cache(target, "embeddings", provenance(sigma=0.5))
+  with pytest.raises(CacheError, match="does not match its checksum"):
+    caches.load_embeddings(target, provenance(sigma=0.5))
+
+
+def test_refuses_a_cache_of_another_format(saved_cache, tmp_path):
+  target = _copy(saved_cache[0], tmp_path)
+
+  def old(meta):
+    meta["format_version"] = 1
+    del meta["checksum"]
+
+  _rewrite_metadata(target, old, recompute_checksum=False)
+  with pytest.raises(CacheError, match="made by an older ovc_jax.*delete it"):
+    caches.load_cache(target, "embeddings", provenance())
+  _rewrite_metadata(target, lambda m: m.update(format_version=99),
+                    recompute_checksum=False)
+  with pytest.raises(CacheError, match="made by a newer ovc_jax"):
+    caches.load_cache(target, "embeddings", provenance())
+
+
+def test_refuses_arrays_that_do_not_fit_the_draws(saved_cache, tmp_path):
+  target = _copy(saved_cache[0], tmp_path)
+  _rewrite_metadata(target, lambda m: m["provenance"].update(n=1000),
+                    recompute_checksum=True)
+  with pytest.raises(CacheError, match="1000 draws"):
+    caches.load_embeddings(target, provenance(n=1000))

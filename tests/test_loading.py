@@ -283,6 +283,22 @@ def test_exported_toy_loads_back_exactly(toy_export, monkeypatch):
   assert load_clip(directory, dtype="bfloat16").model.dtype == "bfloat16"
 
 
+def test_exported_weights_record_their_sha256(toy_export, tmp_path):
+  _, directory, _, _, _ = toy_export
+  weights = os.path.join(directory, "model.safetensors")
+  digest = weights_io.file_sha256(weights)
+  assert weights_io.read_sha256_file(weights + ".sha256") == digest
+  assert load_clip(directory).weights_sha256 == digest
+  # The recorded hash is checked on load: a replaced weights file is refused.
+  copy = tmp_path / "copy"
+  shutil.copytree(directory, copy)
+  data = bytearray((copy / "model.safetensors").read_bytes())
+  data[-100:] = bytes(100)
+  (copy / "model.safetensors").write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match=f"recorded in .*expected {digest}"):
+    load_clip(str(copy))
+
+
 def test_exported_toy_is_read_by_transformers(toy_export):
   _, directory, model, params, _ = toy_export
   hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(directory)

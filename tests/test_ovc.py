@@ -178,3 +178,74 @@ def test_unknown_method(known):
   with pytest.raises(ConfigError, match="unknown method"):
     ovc.certify_novel_prompt("exact", LINEAR, ENCODER, X, KEY, known.caches,
                              NOVEL_U[0], PARAMS)
+
+
+def test_verify_embedding_samples_accepts_the_true_cache(known, stored):
+  draws = known.caches.embedding_draws
+  picks = ovc.verify_embedding_samples(LINEAR, ENCODER, X, KEY, draws,
+                                       PARAMS.smoothing, num_checks=6, seed=0)
+  assert sorted(s for s, _ in picks) == ["estimation"] * 3 + ["selection"] * 3
+  assert ovc.verify_embedding_samples(LINEAR, ENCODER, X, KEY, draws,
+                                      PARAMS.smoothing, num_checks=0) == []
+  checked = dataclasses.replace(stored, verify=ovc.NovelInput(
+      LINEAR, ENCODER, X, KEY), verify_samples=8, verify_seed=1)
+  np.testing.assert_array_equal(checked.load_embeddings().estimation,
+                                draws.estimation)
+
+
+def _rewritten_copy(stored, tmp_path, field, value):
+  """A copy of the stored caches whose embedding metadata claims `field` =
+  `value`, with the checksum recomputed to match (a consistent rewrite)."""
+  import json
+  import shutil
+  target = str(tmp_path / "rewritten")
+  shutil.copytree(stored.directory, target)
+  path = f"{target}/embeddings/metadata.json"
+  with open(path) as f:
+    meta = json.load(f)
+  meta["provenance"][field] = value
+  meta["checksum"] = caches.metadata_checksum(meta)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  return target
+
+
+@pytest.mark.parametrize("field", ["sigma", "key"])
+def test_regeneration_catches_consistently_rewritten_metadata(
+    known, tmp_path, field):
+  """A cache made at sigma 0.25 (or for another key) whose metadata says
+  sigma 0.5 (or this key): the checksum holds, the provenance matches, and
+  only regenerating samples from the key shows the arrays are not these."""
+  if field == "sigma":
+    smoothing, key = PARAMS.smoothing.replace(sigma=0.25), KEY
+  else:
+    smoothing, key = PARAMS.smoothing, jax.random.key(8)
+  made = ovc.certify_known_prompts(
+      LINEAR, ENCODER, X, key, KNOWN_U,
+      dataclasses.replace(PARAMS, smoothing=smoothing))
+  source = str(tmp_path / "made")
+  made_prov = caches.Provenance.for_input(
+      _model(), noise_space="normalized", smoothing=smoothing, key=key,
+      image=X, dtype="float32", num_classes=C)
+  ovc.save_caches(source, made.caches, made_prov, alpha=PARAMS.smoothing.alpha)
+  claimed = _provenance().to_dict()[field]
+  target = _rewritten_copy(ovc.StoredCaches(source, made_prov), tmp_path,
+                           field, claimed)
+  unchecked = ovc.StoredCaches(target, _provenance())
+  # Without the check the stale embeddings are used, silently.
+  wrong = ovc.certify_novel_prompt("cached", LINEAR, ENCODER, X, KEY,
+                                   unchecked, NOVEL_U[0], PARAMS)
+  right = ovc.certify_novel_prompt("standard", LINEAR, ENCODER, X, KEY,
+                                   unchecked, NOVEL_U[0], PARAMS)
+  assert not np.array_equal(wrong.certificate.counts, right.certificate.counts)
+  checked = dataclasses.replace(
+      unchecked, verify=ovc.NovelInput(LINEAR, ENCODER, X, KEY))
+  with pytest.raises(CacheError, match=r"(selection|estimation) sample \d+ "
+                     r"differs from the one the model gives .* by [\d.e+-]+ "
+                     r"\(max abs; tolerance 0.0001\)"):
+    checked.load_embeddings()
+  with pytest.raises(CacheError, match="sample"):
+    ovc.certify_novel_prompt("cached", LINEAR, ENCODER, X, KEY, checked,
+                             NOVEL_U[0], PARAMS)
+  # verify_samples=0 turns the check off.
+  dataclasses.replace(checked, verify_samples=0).load_embeddings()

@@ -161,9 +161,9 @@ def test_jax_certificate_matches_scipy():
   counts0 = np.array([[90, 10, 0], [40, 30, 30], [0, 100, 0]])
   counts = np.array([[950, 50, 0], [400, 300, 300], [0, 990, 10]])
   pred, radius, p_lower = jax.jit(certificates.certificate_from_counts_jax)(
-      counts0, counts, 0.25, 0.001)
+      counts0, counts, 0.25, 0.001, n=1000)
   for i in range(3):
-    ref = certificates.certificate_from_counts(counts0[i], counts[i],
+    ref = certificates.certificate_from_counts(counts0[i], counts[i], n=1000,
                                                sigma=0.25, alpha=0.001)
     assert int(pred[i]) == ref.prediction
     np.testing.assert_allclose(float(radius[i]), ref.radius, atol=1e-4)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from ovc_jax import certificates
 from ovc_jax import sampler
 from ovc_jax.certificates import Certificate
-from ovc_jax.classifiers import predict_from_embeddings
+from ovc_jax.classifiers import check_class_embeddings, predict_from_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
 
@@ -67,17 +67,17 @@ def count_predictions(embeddings: jax.Array, class_embeddings: jax.Array, *,
                       batch_size: int = 10_000) -> jax.Array:
   """Histogram of argmax(E U^T): `[C]` for U [C, d], `[P, C]` for U [P, C, d].
 
-  One read of the embeddings serves all P prompts.
+  One read of the embeddings serves all P prompts. A non-finite embedding
+  (a sample the encoder gave no number for) counts for no class, exactly as
+  in standard RS.
   """
   embeddings = jnp.asarray(embeddings)
-  class_embeddings = jnp.asarray(class_embeddings)
-  if class_embeddings.ndim not in (2, 3):
-    raise InputError("class embeddings must be [C, d] or [P, C, d]; got shape "
-                     f"{class_embeddings.shape}")
-  if embeddings.ndim != 2 or embeddings.shape[1] != class_embeddings.shape[-1]:
-    raise InputError(
-        f"cached embeddings {embeddings.shape} do not match class embeddings "
-        f"{class_embeddings.shape} (embedding size differs)")
+  if embeddings.ndim != 2:
+    raise InputError(f"cached embeddings must be [m, d]; got shape "
+                     f"{embeddings.shape}")
+  class_embeddings = check_class_embeddings(
+      class_embeddings, embedding_size=int(embeddings.shape[1]),
+      embeddings_name="the cached embeddings")
   if batch_size < 1:
     raise ConfigError(f"batch size must be >= 1; got {batch_size}")
   return _count(embeddings, class_embeddings,
@@ -91,7 +91,7 @@ def certify_cached_many(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
   """Certificates of P prompts (U [P, C, d]) from one read of the cache."""
   if not 0.0 < alpha < 1.0:
     raise ConfigError(f"alpha must lie in (0, 1); got {alpha}")
-  class_embeddings = jnp.asarray(class_embeddings)
+  class_embeddings = jnp.asarray(class_embeddings)  # checked when counted
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
   return certificates.certificates_from_counts(
@@ -99,7 +99,7 @@ def certify_cached_many(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
                         batch_size=batch_size),
       count_predictions(cache.estimation, class_embeddings,
                         batch_size=batch_size),
-      sigma=sigma, alpha=alpha)
+      n=int(cache.estimation.shape[0]), sigma=sigma, alpha=alpha)
 
 
 def certify_cached(cache: EmbeddingDraws, class_embeddings: jax.Array, *,

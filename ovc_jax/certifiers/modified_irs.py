@@ -153,7 +153,7 @@ def certify_known(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
       n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
       outputs=("counts", "predictions"), mesh=mesh)
   certs = certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"],
+      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha)
   return certs, known_prompts_from_draws(draws, certs, class_embeddings, n_p)
 
@@ -241,7 +241,7 @@ def certify_novel(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
     rest = draw("estimation", smoothing.n - n_p, ("counts",), first_index=n_p)
     counts = counts + np.asarray(jax.device_get(rest["counts"]), np.int64)
   cert = certificates.certificate_from_counts(
-      selection["counts"], counts, sigma=smoothing.sigma,
+      selection["counts"], counts, n=smoothing.n, sigma=smoothing.sigma,
       alpha=smoothing.alpha)
   return IRSResult(cert, False, t_hat, d, zeta, 1.0 - smoothing.alpha,
                    n0 + smoothing.n)

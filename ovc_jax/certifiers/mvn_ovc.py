@@ -27,6 +27,7 @@ import numpy as np
 from ovc_jax import certificates
 from ovc_jax import sampler
 from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
+from ovc_jax.classifiers import argmax_or_no_class, check_class_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
 APPROXIMATE_NOTE = "MVN-OVC: approximate, not a certificate"
@@ -73,7 +74,12 @@ def _fit(embeddings):
 
 
 def fit_gaussian(embeddings: jax.Array) -> GaussianFit:
-  """Mean and covariance factor of `[m, d]` embeddings (m >= 2)."""
+  """Mean and covariance factor of `[m, d]` embeddings (m >= 2).
+
+  A non-finite embedding (a noisy sample with no class) makes the fit
+  non-finite, and `certify_mvn` then refuses it: dropping such samples would
+  let MVN-OVC count as hits draws that standard RS counts as misses.
+  """
   embeddings = jnp.asarray(embeddings, jnp.float32)
   if embeddings.ndim != 2 or embeddings.shape[0] < 2:
     raise InputError(
@@ -95,7 +101,7 @@ class GaussianLogitClassifier:
     logits = params["mean_logits"] + jnp.einsum(
         spec, latents, params["factor_logits"],
         precision=jax.lax.Precision.HIGHEST)
-    return {"predictions": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+    return {"predictions": argmax_or_no_class(logits)}
 
 
 @jax.jit
@@ -105,6 +111,20 @@ def _logit_params(fit: GaussianFit, class_embeddings: jax.Array):
                                     fit.mean, precision=hi),
           "factor_logits": jnp.einsum("...cd,dr->...cr", class_embeddings,
                                       fit.factor, precision=hi)}
+
+
+def check_fit(fit: GaussianFit) -> GaussianFit:
+  """Raises InputError for a Gaussian fit of bad shape or with bad numbers."""
+  mean, factor = jnp.asarray(fit.mean), jnp.asarray(fit.factor)
+  if mean.ndim != 1 or factor.ndim != 2 or factor.shape[0] != mean.shape[0]:
+    raise InputError(f"a Gaussian fit is a mean [d] and a factor [d, r]; got "
+                     f"{mean.shape} and {factor.shape}")
+  if not (bool(jnp.all(jnp.isfinite(mean)))
+          and bool(jnp.all(jnp.isfinite(factor)))):
+    raise InputError(
+        "the Gaussian fit contains NaN or infinite values (were some noisy "
+        "embeddings not finite?); MVN-OVC cannot use it")
+  return GaussianFit(mean, factor)
 
 
 def check_margin(delta: float) -> None:
@@ -124,13 +144,12 @@ def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
     smoothing: sigma (scales the radius), n0, n and alpha as in CERTIFY.
     mvn: the margin delta and the latent batch size.
   """
-  class_embeddings = jnp.asarray(class_embeddings, jnp.float32)
+  fit = check_fit(fit)
+  class_embeddings = check_class_embeddings(
+      class_embeddings, embedding_size=int(fit.mean.shape[0]),
+      embeddings_name="the Gaussian fit's embeddings").astype(jnp.float32)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
-  if class_embeddings.ndim != 3 or class_embeddings.shape[-1] != fit.mean.shape[0]:
-    raise InputError(
-        f"class embeddings {class_embeddings.shape} do not match the Gaussian "
-        f"fit's embedding size {fit.mean.shape[0]}")
   params = _logit_params(fit, class_embeddings)
   latent = jnp.zeros(fit.factor.shape[1:], jnp.float32)
   draws = sampler.sample_certification_draws(
@@ -139,7 +158,7 @@ def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
       num_classes=int(class_embeddings.shape[-2]), n0=smoothing.n0,
       n=smoothing.n, batch_size=mvn.batch_size)
   return certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"],
+      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha, margin=mvn.delta)
 
 

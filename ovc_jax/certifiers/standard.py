@@ -41,7 +41,7 @@ def certify_many(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
       n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
       mesh=mesh)
   return certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"],
+      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha)
 
 

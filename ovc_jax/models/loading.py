@@ -13,6 +13,12 @@ Specs:
   'openai:ViT-B/32:/path/model.safetensors'  OpenAI weights (always quick_gelu)
 
 No PyTorch is needed: safetensors and msgpack are read directly.
+
+Weights integrity: `load_clip(spec, sha256=HEX)` refuses a weights file whose
+sha256 differs (Hugging Face shows the sha256 of every LFS file), and a
+weights file with a `<file>.sha256` beside it (the committed toy CLIP has
+checkpoints/toy_clip/model.safetensors.sha256) is checked against it on every
+load. `LoadedClip.weights_sha256` is the hash of the file(s) loaded.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class LoadedClip(NamedTuple):
     preprocess: the image preprocessing the model was trained with.
     name: a short name of the model ('toy', a hub id, 'openclip:RN50', ...).
     fingerprint: sha256 of the config and weights, to tag caches.
+    weights_sha256: sha256 of the weights file's bytes, as `sha256sum` and
+      Hugging Face give it (for sharded weights, `weights_io.files_sha256`
+      of the shards); what to record to know which file a run used.
   """
 
   model: ClipModel
@@ -71,6 +80,7 @@ class LoadedClip(NamedTuple):
   preprocess: PreprocessSpec
   name: str
   fingerprint: str
+  weights_sha256: str = ""
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,7 +105,8 @@ def _resolve(path: str) -> str:
 
 
 def load_clip(spec: str, *, dtype: str = "float32",
-              tokenizer_path: str | None = None) -> LoadedClip:
+              tokenizer_path: str | None = None,
+              sha256: str | None = None) -> LoadedClip:
   """Loads a CLIP model from a spec (see the module docstring).
 
   Args:
@@ -104,16 +115,25 @@ def load_clip(spec: str, *, dtype: str = "float32",
     tokenizer_path: a tokenizer directory (tokenizer.json, or vocab.json +
       merges.txt) or OpenAI's bpe_simple_vocab_16e6.txt.gz, overriding the
       checkpoint's own.
+    sha256: the expected sha256 hex digest of the weights file (for sharded
+      weights, of `weights_io.files_sha256` of the shards); checked before the
+      weights are read.
 
   Raises:
-    CheckpointError: missing, corrupted or mismatched files; unknown spec;
-      a hub id that is not available offline.
-    ConfigError: a bad dtype or architecture name.
+    CheckpointError: missing, corrupted or mismatched files (a sha256 other
+      than the one given or recorded beside the file); unknown spec; a hub id
+      that is not available offline.
+    ConfigError: a bad dtype, architecture name or sha256 string.
   """
   if not isinstance(spec, str) or not spec.strip():
     raise ConfigError(f"model spec must be a non-empty string; got {spec!r}")
   if dtype not in DTYPES:  # Before any file is read.
     raise ConfigError(f"dtype must be one of {DTYPES}; got {dtype!r}")
+  if sha256 is not None:
+    digest = sha256.strip().lower() if isinstance(sha256, str) else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+      raise ConfigError(f"sha256 must be a 64-digit hex digest; got {sha256!r}")
+    sha256 = digest
   spec = spec.strip()
   if spec == "toy":
     directory = os.path.join(checkpoints_dir(), "toy_clip")
@@ -121,13 +141,13 @@ def load_clip(spec: str, *, dtype: str = "float32",
       raise CheckpointError(
           f"the toy CLIP is not at {directory}: train and export it there "
           "first (see checkpoints/README.md)")
-    return _load_hf_dir(directory, "toy", dtype, tokenizer_path)
+    return _load_hf_dir(directory, "toy", dtype, tokenizer_path, sha256)
   if spec.startswith(("openclip:", "openai:")):
-    return _load_openclip(spec, dtype, tokenizer_path)
+    return _load_openclip(spec, dtype, tokenizer_path, sha256)
   path = _resolve(spec)
   if os.path.isdir(path):
     return _load_hf_dir(path, os.path.basename(os.path.normpath(path)), dtype,
-                        tokenizer_path)
+                        tokenizer_path, sha256)
   if os.path.isfile(path):
     raise CheckpointError(
         f"{spec} is a file; a Hugging Face checkpoint is given by its directory, "
@@ -140,7 +160,7 @@ def load_clip(spec: str, *, dtype: str = "float32",
         f"{spec!r} names an architecture, not weights: use {hint}"
         f"'openclip:{spec}:FILE' for a state dict in safetensors form")
   if _HUB_ID.fullmatch(spec):
-    return _load_hub(spec, dtype, tokenizer_path)
+    return _load_hub(spec, dtype, tokenizer_path, sha256)
   raise CheckpointError(
       f"unknown model {spec!r}: expected 'toy', a Hugging Face CLIP directory, "
       "a hub id such as 'openai/clip-vit-base-patch32', or "
@@ -159,26 +179,52 @@ def _read_json(path: str) -> dict[str, Any]:
     raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
-def _read_hf_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
-  """The state dict (PyTorch names) of a HF directory, and the file it came from."""
+def check_weights(files: list[str], source: str,
+                  sha256: str | None = None) -> str:
+  """The content hash of weights `files` (see `LoadedClip.weights_sha256`),
+  checked against `sha256` if given and against `<source>.sha256` if that
+  file exists; raises CheckpointError (one line) where they differ."""
+  for path in files:
+    if not os.path.isfile(path):
+      raise CheckpointError(f"weights file {path} does not exist")
+  digest = weights_io.files_sha256(files)
+  if sha256 is not None:
+    weights_io.check_sha256(source, digest, sha256, "given as sha256=")
+  recorded = source + ".sha256"
+  if os.path.isfile(recorded):
+    weights_io.check_sha256(
+        source, digest, weights_io.read_sha256_file(recorded),
+        f"recorded in {recorded}; if you replaced the file on purpose, write "
+        "its new sha256 there")
+  return digest
+
+
+def _read_hf_weights(directory: str, sha256: str | None = None
+                     ) -> tuple[dict[str, np.ndarray], str, str]:
+  """The state dict (PyTorch names) of a HF directory, the file it came from
+  and the weights' sha256 (checked first: see `check_weights`)."""
   single = os.path.join(directory, "model.safetensors")
   index = os.path.join(directory, "model.safetensors.index.json")
   msgpack = os.path.join(directory, "flax_model.msgpack")
   if os.path.isfile(single) or os.path.isfile(index):
     if os.path.isfile(single):
+      digest = check_weights([single], single, sha256)
       state, source = weights_io.read_safetensors(single), single
     else:
       shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+      digest = check_weights([os.path.join(directory, s) for s in shards],
+                             index, sha256)
       state, source = {}, index
       for shard in shards:
         state.update(weights_io.read_safetensors(os.path.join(directory, shard)))
     if any(k.endswith((".kernel", ".scale", ".embedding")) for k in state):
       # FlaxCLIPModel.save_pretrained(safe_serialization=True) names.
       state = convert.hf_flax_to_torch_names(state)
-    return state, source
+    return state, source, digest
   if os.path.isfile(msgpack):
+    digest = check_weights([msgpack], msgpack, sha256)
     flax_state = weights_io.read_flax_msgpack(msgpack)
-    return convert.hf_flax_to_torch_names(flax_state), msgpack
+    return convert.hf_flax_to_torch_names(flax_state), msgpack, digest
   if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
     raise CheckpointError(
         f"{directory} has only pytorch_model.bin, which needs PyTorch to read; "
@@ -191,7 +237,8 @@ def _read_hf_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _load_hf_dir(directory: str, name: str, dtype: str,
-                 tokenizer_path: str | None) -> LoadedClip:
+                 tokenizer_path: str | None,
+                 sha256: str | None = None) -> LoadedClip:
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(
@@ -200,7 +247,7 @@ def _load_hf_dir(directory: str, name: str, dtype: str,
     config = config_from_hf(_read_json(config_path))
   except ConfigError as e:
     raise CheckpointError(f"{config_path}: {e}") from e
-  state, source = _read_hf_weights(directory)
+  state, source, digest = _read_hf_weights(directory, sha256)
   params = convert.params_from_hf(state, config, source)
   del state
   pp_path = os.path.join(directory, "preprocessor_config.json")
@@ -211,7 +258,8 @@ def _load_hf_dir(directory: str, name: str, dtype: str,
         f"{pp_path} crops to {preprocess.image_size} pixels but the model "
         f"takes {config.vision.image_size}")
   tokenizer = _tokenizer(tokenizer_path or directory, config)
-  return _finish(config, params, dtype, tokenizer, preprocess, name, source)
+  return _finish(config, params, dtype, tokenizer, preprocess, name, source,
+                 digest)
 
 
 def _hub_instructions(repo_id: str) -> str:
@@ -256,11 +304,12 @@ def _hf_cache_dir(repo_id: str) -> str | None:
   return os.path.dirname(found) if isinstance(found, str) else None
 
 
-def _load_hub(repo_id: str, dtype: str, tokenizer_path: str | None) -> LoadedClip:
+def _load_hub(repo_id: str, dtype: str, tokenizer_path: str | None,
+              sha256: str | None = None) -> LoadedClip:
   local = os.path.join(checkpoints_dir(), "downloads", repo_id)
   for directory in (local, _hf_cache_dir(repo_id)):
     if _complete_hf_dir(directory):
-      return _load_hf_dir(directory, repo_id, dtype, tokenizer_path)
+      return _load_hf_dir(directory, repo_id, dtype, tokenizer_path, sha256)
   if _is_offline():
     raise CheckpointError(
         f"no local directory {repo_id!r} exists and the hub is offline "
@@ -274,7 +323,7 @@ def _load_hub(repo_id: str, dtype: str, tokenizer_path: str | None) -> LoadedCli
     raise CheckpointError(
         f"cannot download {repo_id!r} ({type(e).__name__}: {e}); "
         f"{_hub_instructions(repo_id)}") from e
-  return _load_hf_dir(local, repo_id, dtype, tokenizer_path)
+  return _load_hf_dir(local, repo_id, dtype, tokenizer_path, sha256)
 
 
 def _download(repo_id: str, local: str) -> None:
@@ -316,7 +365,8 @@ def _config_differences(got: CLIPConfig, want: CLIPConfig) -> list[str]:
   return diffs
 
 
-def _load_openclip(spec: str, dtype: str, tokenizer_path: str | None) -> LoadedClip:
+def _load_openclip(spec: str, dtype: str, tokenizer_path: str | None,
+                   sha256: str | None = None) -> LoadedClip:
   kind, _, rest = spec.partition(":")
   arch, _, path = rest.partition(":")
   if not arch or not path:
@@ -338,6 +388,7 @@ def _load_openclip(spec: str, dtype: str, tokenizer_path: str | None) -> LoadedC
         "st.save_file({k: v.float().contiguous() for k, v in sd.items()}, "
         "'open_clip_model.safetensors')\" (for OpenAI's TorchScript .pt files "
         "use torch.jit.load instead of torch.load)")
+  digest = check_weights([path], path, sha256)
   state = convert.strip_module_prefix(weights_io.read_safetensors(path))
   config = convert.infer_openai_config(
       {k: v.shape for k, v in state.items()}, expected.text.activation, path)
@@ -350,7 +401,7 @@ def _load_openclip(spec: str, dtype: str, tokenizer_path: str | None) -> LoadedC
   tokenizer = _tokenizer(
       tokenizer_path or _find_clip_tokenizer(os.path.dirname(path)), config)
   return _finish(config, params, dtype, tokenizer, _default_preprocess(config),
-                 f"{kind}:{arch}", path)
+                 f"{kind}:{arch}", path, digest)
 
 
 def _find_clip_tokenizer(checkpoint_dir: str) -> str:
@@ -404,9 +455,10 @@ def _tokenizer(path: str, config: CLIPConfig) -> ClipTokenizer:
 
 def _finish(config: CLIPConfig, params: Params, dtype: str,
             tokenizer: ClipTokenizer, preprocess: PreprocessSpec, name: str,
-            source: str) -> LoadedClip:
+            source: str, weights_sha256: str) -> LoadedClip:
   model = ClipModel(config, dtype)
   convert.check_param_shapes(params, model.param_shapes(), source)
   fingerprint = weights_io.params_fingerprint(params, config.to_dict())
   params = jax.device_put(params)
-  return LoadedClip(model, params, tokenizer, preprocess, name, fingerprint)
+  return LoadedClip(model, params, tokenizer, preprocess, name, fingerprint,
+                    weights_sha256)

@@ -84,10 +84,21 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: Mapping[str, Any], path: str) -> None:
-  """Writes float32/int tensors with transformers' 'pt' format tag."""
+  """Writes float32/int tensors with transformers' 'pt' format tag, and the
+  file's sha256 beside it in `<path>.sha256` (as `sha256sum` writes it), which
+  `load_clip` checks on every load."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   save_file(arrays, path, metadata={"format": "pt"})
+  write_sha256_file(path)
+
+
+def write_sha256_file(path: str) -> str:
+  """Records a file's sha256 in `<path>.sha256`; returns the digest."""
+  digest = file_sha256(path)
+  with open(path + ".sha256", "w") as f:
+    f.write(f"{digest}  {os.path.basename(path)}\n")
+  return digest
 
 
 def read_flax_msgpack(path: str) -> dict[str, Any]:
@@ -123,6 +134,51 @@ def flatten(tree: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
     else:
       out[str(k)] = v
   return out
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 hex digest of a file's bytes (what Hugging Face publishes for
+  LFS files and `sha256sum` prints)."""
+  h = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
+  except OSError as e:
+    raise CheckpointError(f"cannot read weights file {path}: {e}") from e
+  return h.hexdigest()
+
+
+def files_sha256(paths: list[str]) -> str:
+  """One content hash of weights files: a single file's own sha256, else the
+  sha256 of the lines '<file name> <sha256>' of each, sorted by name."""
+  if len(paths) == 1:
+    return file_sha256(paths[0])
+  lines = sorted(f"{os.path.basename(p)} {file_sha256(p)}\n" for p in paths)
+  return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def read_sha256_file(path: str) -> str:
+  """The digest recorded in a `.sha256` file (its first word, as `sha256sum`
+  writes it), lower-cased."""
+  try:
+    with open(path) as f:
+      words = f.read().split()
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from e
+  digest = words[0].lower() if words else ""
+  if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    raise CheckpointError(f"{path} does not hold a sha256 hex digest")
+  return digest
+
+
+def check_sha256(path: str, found: str, expected: str, origin: str) -> None:
+  """Raises CheckpointError (one line) unless `found` is the `expected` digest."""
+  if found.lower() != expected.strip().lower():
+    raise CheckpointError(
+        f"weights file {path} does not have the expected sha256 ({origin}): "
+        f"expected {expected.strip().lower()}, found {found}; the file is "
+        "corrupted or not the one meant (download or export it again)")
 
 
 def params_fingerprint(params: Any, config_dict: Mapping[str, Any]) -> str:

@@ -1,0 +1,236 @@
+"""CLIPure-Cos: purification of CLIP image embeddings in latent space.
+
+Zhang et al., "CLIPure: Purification in Latent Space via CLIP for
+Adversarially Robust Zero-Shot Classification" (ICLR 2025). CLIPure-Cos moves
+an image embedding z towards the embedding of a *blank* prompt ("a photo of a
+.") by normalised gradient steps on the unit sphere, keeping its norm:
+
+    r = ||z||,  u = z / r
+    repeat `steps` times:
+      g = r * d/dz [-cos(z, blank)] at z = r u
+      u = u - step_size * g / ||g||
+      u = u / ||u||
+    return r u
+
+then classifies the purified embedding zero-shot as usual. Here that is one
+more encoder: `PurifiedEncoder(loaded.model.embed_images)` is an image encoder
+like any other, so
+
+    classifier = EmbeddingClassifier(PurifiedEncoder(loaded.model.embed_images))
+    encoder_params = purified_encoder_params(loaded.params, blank)
+
+is the CLIPure-Cos base classifier of the smoothing framework: every certifier
+and `ovc_jax.ovc` take it unchanged, and the "embeddings" it hands back are the
+(normalised) purified embeddings, which is what Cached-OVC then caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ovc_jax.errors import ConfigError, InputError
+
+DEFAULT_STEPS = 10
+DEFAULT_STEP_SIZE = 30.0
+
+# The paper's blank prompt; `blank_embedding(loaded, [SINGLE_BLANK_TEMPLATE])`
+# embeds it alone (a template without '{}' formats to itself).
+SINGLE_BLANK_TEMPLATE = "a photo of a ."
+
+# ||g|| is sin(angle(z, blank)) whatever ||z|| (see `purify`). Below this it is
+# float32 rounding, not a direction: the step is skipped.
+GRADIENT_TOLERANCE = 1e-6
+
+_TINY = 1e-30
+
+
+def check_purification_args(*, steps: Any, step_size: Any) -> None:
+  """Raises ConfigError for a step count or step size out of range."""
+  if (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+      or steps < 0):
+    raise ConfigError(
+        f"purification steps must be an integer >= 0; got {steps!r}")
+  if (isinstance(step_size, bool)
+      or not isinstance(step_size, (int, float, np.integer, np.floating))
+      or not np.isfinite(step_size) or step_size <= 0):
+    raise ConfigError(
+        f"purification step_size must be a finite number > 0; got {step_size!r}")
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """Row norms [..., 1] with a gradient that is finite at 0."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return jnp.sqrt(jnp.maximum(sq, _TINY))
+
+
+def _negative_cosine(z: jax.Array, blank: jax.Array) -> jax.Array:
+  """-cos(z_i, blank) per row: [B]."""
+  dots = jnp.sum(z * blank, axis=-1)
+  return -dots / (_safe_norm(z)[..., 0] * _safe_norm(blank)[0])
+
+
+def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
+           step_size: float = DEFAULT_STEP_SIZE) -> jax.Array:
+  """CLIPure-Cos purification of image embeddings (jittable, differentiable).
+
+  Each step is the official `purify_zi` update (ClassificationModel in
+  CLIP_eval/CLIPure_Cos.py of TMLResearchGroup-CAS/CLIPure, L2 branch with
+  momentum 0): g = r * grad_z(-cos(z, blank)) at z = r u, then
+  u <- normalise(u - step_size * g / ||g||), and finally r u.
+
+  Deviation from the official code, on purpose: there ||g|| is the norm of
+  the whole batch's gradient tensor (`torch.norm(grad, p=2)`), so one image's
+  step length depends on which other images share its batch (each row moves
+  by step_size * ||g_i|| / ||G||, about step_size / sqrt(B) for B similar
+  images). Here g is normalised per image (row): an image's purification is a
+  function of that image alone, which the smoothed classifier needs (its
+  counts, certificates and Cached-OVC's exactness must not depend on the
+  sampler's batch size). Per-image normalisation equals the official update at
+  batch size 1.
+
+  Geometry (useful when choosing step_size): g = -(b - cos(u, b) u) with b the
+  unit blank, so ||g|| = sin(angle(u, b)) and g is tangent to the sphere; the
+  update keeps u in the plane of (u, b) and turns it by atan(step_size)
+  radians towards b. With step_size 30 that turn is 88.1 degrees: an
+  embedding less than 88.1 degrees from the blank overshoots it, and the next
+  step turns it back exactly, so an even number of steps returns it to where
+  it started (up to rounding).
+
+  Args:
+    z: `[B, d]` image embeddings (any norm; the norm is kept).
+    blank: `[d]` blank-prompt embedding (any norm; only its direction counts).
+    steps: number of updates, an integer >= 0 (0: z unchanged).
+    step_size: finite, > 0.
+
+  Returns:
+    `[B, d]` purified embeddings, ||output_i|| = ||z_i||, float32 (float64
+    for float64 z, with x64 enabled). A row with ||g|| below
+    GRADIENT_TOLERANCE (z parallel to the blank) is not moved by that step; a
+    zero row stays zero.
+
+  Raises:
+    ConfigError: steps or step_size out of range.
+    InputError: shapes that are not [B, d] and [d] of the same d.
+  """
+  check_purification_args(steps=steps, step_size=step_size)
+  z = jnp.asarray(z)
+  z = z if z.dtype == jnp.float64 else z.astype(jnp.float32)
+  blank = jnp.asarray(blank).astype(z.dtype)
+  if z.ndim != 2 or blank.ndim != 1 or z.shape[-1] != blank.shape[-1]:
+    raise InputError(f"purify takes embeddings [B, d] and a blank [d]; got "
+                     f"{z.shape} and {blank.shape}")
+  if not steps:
+    return z
+  # Zero rows are purified as ones and zeroed again, so that neither the
+  # result nor its gradient sees a 0 / 0.
+  nonzero = jnp.sum(z * z, axis=-1, keepdims=True) > 0
+  z_safe = jnp.where(nonzero, z, 1.0)
+  r = _safe_norm(z_safe)
+  u = z_safe / r
+  # The rows of the summed loss are independent: its gradient is each row's own.
+  loss_grad = jax.grad(lambda v: jnp.sum(_negative_cosine(v, blank)))
+
+  def step(u, _):
+    g = r * loss_grad(r * u)
+    g_sq = jnp.sum(g * g, axis=-1, keepdims=True)
+    moves = g_sq > GRADIENT_TOLERANCE**2
+    g_norm = jnp.sqrt(jnp.where(moves, g_sq, 1.0))
+    u = u - step_size * jnp.where(moves, g / g_norm, 0.0)
+    return u / _safe_norm(u), None
+
+  u, _ = jax.lax.scan(step, u, None, length=int(steps))
+  return jnp.where(nonzero, r * u, 0.0)
+
+
+def _has_text_tower(loaded: Any) -> bool:
+  model = getattr(loaded, "model", None)
+  params = getattr(loaded, "params", None)
+  if getattr(loaded, "tokenizer", None) is None or model is None:
+    return False
+  if not callable(getattr(model, "embed_texts", None)):
+    return False
+  return not (isinstance(params, Mapping) and params.get("text") is None)
+
+
+def blank_embedding(loaded: Any,
+                    templates: Sequence[str] | str = (SINGLE_BLANK_TEMPLATE,)
+                    ) -> jax.Array:
+  """The blank-prompt embedding CLIPure-Cos purifies towards: `[d]`.
+
+  Each template is formatted with an empty class name (`t.format("")`, e.g.
+  "a bad photo of a {}." -> "a bad photo of a ."), embedded by the text tower
+  and L2-normalised; the mean over templates is returned (not renormalised:
+  only its direction matters). With a dataset's templates this is the official
+  code's `t_blank`; the default, [SINGLE_BLANK_TEMPLATE], is the paper's
+  single blank prompt "a photo of a .".
+
+  Args:
+    loaded: a `LoadedClip` (its tokenizer and text tower are used).
+    templates: templates with one '{}', or already blank texts; or one string.
+
+  Raises:
+    ConfigError: no text tower, no templates, or a template that cannot be
+      formatted with one positional argument.
+  """
+  from ovc_jax import zeroshot  # pylint: disable=g-import-not-at-top
+  if not _has_text_tower(loaded):
+    raise ConfigError(
+        "purification needs a text tower to embed the blank templates")
+  if isinstance(templates, str):
+    templates = [templates]
+  templates = list(templates)
+  if not templates:
+    raise ConfigError("blank_embedding needs at least one template")
+  texts = []
+  for t in templates:
+    if not isinstance(t, str) or not t.strip():
+      raise ConfigError(f"a blank template must be a non-empty string; got {t!r}")
+    try:
+      texts.append(t.format(""))
+    except (IndexError, KeyError, ValueError) as e:
+      raise ConfigError(f"blank template {t!r} cannot be formatted with an "
+                        f"empty class name: {e}") from e
+  blank = jnp.mean(zeroshot.embed_prompts(loaded, texts), axis=0)
+  if not float(jnp.linalg.norm(blank)) > 0:
+    raise ConfigError("the blank templates' embeddings average to zero")
+  return blank
+
+
+def purified_encoder_params(encoder_params: Any,
+                            blank: jax.Array) -> dict[str, Any]:
+  """`PurifiedEncoder`'s params: the wrapped encoder's and the blank [d]."""
+  return {"encoder": encoder_params, "blank": jnp.asarray(blank, jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifiedEncoder:
+  """An image encoder followed by CLIPure-Cos purification.
+
+  Hashable (the wrapped encoder must be too), so it can sit inside an
+  `EmbeddingClassifier` that is the sampler's static `apply_fn`.
+
+  Attributes:
+    encoder: `(encoder_params, inputs [B, ...]) -> [B, d]`, e.g.
+      `loaded.model.embed_images`.
+    steps: purification steps (the official default, 10).
+    step_size: purification step size (the official default, 30).
+
+  Params: `purified_encoder_params(encoder_params, blank)`.
+  """
+
+  encoder: Callable[[Any, jax.Array], jax.Array]
+  steps: int = DEFAULT_STEPS
+  step_size: float = DEFAULT_STEP_SIZE
+
+  def __post_init__(self):
+    check_purification_args(steps=self.steps, step_size=self.step_size)
+
+  def __call__(self, params: Any, inputs: jax.Array) -> jax.Array:
+    z = self.encoder(params["encoder"], inputs).astype(jnp.float32)
+    return purify(z, params["blank"], steps=self.steps,
+                  step_size=self.step_size)

@@ -1,0 +1,362 @@
+"""Guarantees against bad numbers (docs/METHOD.md, "Guarantees against bad
+numbers"): each test here fails on the code before them.
+
+  1. A class matrix or Gaussian fit with NaN or inf is refused (a NaN row
+     used to win every argmax); so is one of another embedding size.
+  2. A noisy sample whose embedding is not finite counts as a miss: the
+     certificate is the one computed treating it so, never larger, and
+     Cached-OVC still equals standard RS.
+  3. Counts that sum to less than n are bounded with n draws.
+  5. A corrupted weights file, or one with another sha256 than the user
+     gives, is refused.
+(4, the cache checksum and regeneration check, is in tests/test_cached_ovc.py
+and tests/test_ovc.py; the JAX bounds' direction in tests/test_bounds.py.)
+"""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ovc_jax import bounds
+from ovc_jax import certificates
+from ovc_jax import classifiers
+from ovc_jax import ovc
+from ovc_jax import sampler
+from ovc_jax.certificates import ABSTAIN, SmoothingParams
+from ovc_jax.certifiers import cached_ovc, modified_irs, mvn_ovc, standard
+from ovc_jax.certifiers.modified_irs import IRSParams
+from ovc_jax.certifiers.mvn_ovc import MVNParams
+from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
+from ovc_jax.errors import CheckpointError, ConfigError, InputError
+from ovc_jax.models import load_clip, loading, weights_io
+
+LINEAR = EmbeddingClassifier(LinearEncoder(), normalize=False)
+D, E, C, P = 6, 3, 4, 2
+RNG = np.random.default_rng(0)
+ENCODER = {"A": jnp.asarray(RNG.normal(size=(E, D)), jnp.float32),
+           "c": jnp.zeros(E, jnp.float32)}
+U = jnp.asarray(RNG.normal(size=(C, E)), jnp.float32)
+KNOWN_U = jnp.asarray(RNG.normal(size=(P, C, E)), jnp.float32)
+X = jnp.asarray(RNG.normal(size=D), jnp.float32)
+KEY = jax.random.key(3)
+SMOOTHING = SmoothingParams(sigma=0.5, n0=20, n=200, alpha=0.01,
+                            batch_size=64)
+PARAMS = ovc.OVCParams(SMOOTHING, IRSParams(n_p=50),
+                       MVNParams(delta=0.0, batch_size=128))
+NON_FINITE = "class matrix contains NaN or infinite values"
+
+
+def with_bad_entry(u, value):
+  return u.at[..., 1, 2].set(value)
+
+
+# ---------------------------------------------------------------------------
+# 1. Class matrices and Gaussian fits with bad numbers
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_standard_rs_refuses_a_class_matrix_with_bad_numbers(value):
+  bad = with_bad_entry(U, value)
+  with pytest.raises(InputError, match=NON_FINITE):
+    EmbeddingClassifier.params(ENCODER, bad)
+  # A params dict built by hand is checked where the sampler takes it.
+  by_hand = {"encoder": ENCODER, "class_embeddings": bad}
+  with pytest.raises(InputError, match=NON_FINITE):
+    standard.certify(LINEAR, by_hand, X, KEY, SMOOTHING)
+  with pytest.raises(InputError, match=NON_FINITE):
+    standard.predict(LINEAR, by_hand, X, KEY, SMOOTHING)
+  with pytest.raises(InputError, match=NON_FINITE):
+    standard.certify_many(LINEAR, {"encoder": ENCODER,
+                                   "class_embeddings": with_bad_entry(
+                                       KNOWN_U, value)}, X, KEY, SMOOTHING)
+
+
+@pytest.fixture(scope="module")
+def known():
+  return ovc.certify_known_prompts(LINEAR, ENCODER, X, KEY, KNOWN_U, PARAMS)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_cached_and_mvn_refuse_a_class_matrix_with_bad_numbers(known, value):
+  draws = known.caches.embedding_draws
+  fit = known.caches.gaussian_fit
+  bad = with_bad_entry(U, value)
+  with pytest.raises(InputError, match=NON_FINITE):
+    cached_ovc.certify_cached(draws, bad, sigma=0.5)
+  with pytest.raises(InputError, match=NON_FINITE):
+    cached_ovc.certify_cached_many(draws, with_bad_entry(KNOWN_U, value),
+                                   sigma=0.5)
+  with pytest.raises(InputError, match=NON_FINITE):
+    cached_ovc.count_predictions(draws.estimation, bad)
+  with pytest.raises(InputError, match=NON_FINITE):
+    mvn_ovc.certify_mvn(fit, bad, KEY, SMOOTHING)
+  with pytest.raises(InputError, match=NON_FINITE):
+    mvn_ovc.certify_mvn_many(fit, with_bad_entry(KNOWN_U, value), KEY,
+                             SMOOTHING)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_the_pipeline_refuses_a_class_matrix_with_bad_numbers(known, value):
+  with pytest.raises(InputError, match=NON_FINITE):
+    ovc.certify_known_prompts(LINEAR, ENCODER, X, KEY,
+                              with_bad_entry(KNOWN_U, value), PARAMS)
+  for method in ovc.METHODS:
+    with pytest.raises(InputError, match=NON_FINITE):
+      ovc.certify_novel_prompt(method, LINEAR, ENCODER, X, KEY, known.caches,
+                               with_bad_entry(U, value), PARAMS)
+  by_hand = {"encoder": ENCODER, "class_embeddings": with_bad_entry(U, value)}
+  with pytest.raises(InputError, match=NON_FINITE):
+    modified_irs.certify_novel(LINEAR, by_hand, X, KEY,
+                               known.caches.known_prompts, SMOOTHING,
+                               PARAMS.irs)
+
+
+def test_the_clean_class_matrix_still_certifies(known):
+  # The refusals above are not a refusal of everything.
+  assert any(c.prediction != ABSTAIN for c in known.certificates)
+  for method in ovc.METHODS:
+    ovc.certify_novel_prompt(method, LINEAR, ENCODER, X, KEY, known.caches, U,
+                             PARAMS)
+
+
+def test_mvn_refuses_a_gaussian_fit_with_bad_numbers(known):
+  embeddings = np.array(known.caches.embedding_draws.estimation)
+  embeddings[7] = np.nan
+  nan_fit = mvn_ovc.fit_gaussian(embeddings)
+  inf_fit = mvn_ovc.GaussianFit(known.caches.gaussian_fit.mean.at[0].set(np.inf),
+                                known.caches.gaussian_fit.factor)
+  for fit in (nan_fit, inf_fit):
+    with pytest.raises(InputError, match="Gaussian fit contains NaN or infinite"):
+      mvn_ovc.certify_mvn(fit, U, KEY, SMOOTHING)
+    with pytest.raises(InputError, match="Gaussian fit contains NaN or infinite"):
+      mvn_ovc.certify_mvn_many(fit, KNOWN_U, KEY, SMOOTHING)
+
+
+def test_a_class_matrix_of_another_embedding_size_is_an_input_error():
+  wide = jnp.ones((C, E + 1), jnp.float32)
+  message = r"embedding size 4 but the model's embeddings have size 3"
+  with pytest.raises(InputError, match=message):
+    standard.certify(LINEAR, LINEAR.params(ENCODER, wide), X, KEY, SMOOTHING)
+  with pytest.raises(InputError, match=message):
+    ovc.certify_known_prompts(LINEAR, ENCODER, X, KEY,
+                              jnp.ones((P, C, E + 1), jnp.float32), PARAMS)
+  with pytest.raises(InputError, match=message):
+    modified_irs.certify_known(LINEAR, LINEAR.params(ENCODER, wide[None]), X,
+                               KEY, SMOOTHING, 50)
+  assert LINEAR.embedding_size(ENCODER, X.shape) == E
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([["a", "b"]]), "real numbers"),
+    (np.ones(4, np.float32), r"\[C, d\] or \[P, C, d\]"),
+    (np.ones((2, 0), np.float32), "no classes"),
+])
+def test_class_matrices_of_bad_type_or_shape(bad, message):
+  with pytest.raises(InputError, match=message):
+    classifiers.check_class_embeddings(bad)
+
+
+# ---------------------------------------------------------------------------
+# 2. Embeddings that are not numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class GlitchyEncoder:
+  """z = (x_0, x_1), except that a noisy input with |x_1| > 1.5 embeds as
+  `value` (NaN, inf, or a finite number whose norm overflows), as a bfloat16
+  overflow in a real encoder would. x_1 does not decide the class, so the
+  glitches hit samples of every class."""
+
+  value: float = float("nan")
+
+  def __call__(self, params, inputs):
+    del params
+    flat = inputs.reshape(inputs.shape[0], -1)
+    z = flat[:, :2]
+    return jnp.where(jnp.abs(flat[:, 1:2]) > 1.5, self.value, z)
+
+
+GLITCH_U = jnp.asarray([[1.0, 0.0], [-1.0, 0.0]], jnp.float32)  # class 0: z_0 > 0
+GLITCH_X = jnp.asarray([0.8, 0.0, 0.0, 0.0], jnp.float32)
+GLITCH_SMOOTHING = SmoothingParams(sigma=1.0, n0=100, n=4000, alpha=0.001,
+                                   batch_size=512)
+
+
+def _reference_counts(stream, num_samples):
+  """Counts of the clean classifier over the samples that do not glitch, and
+  the number of glitches: the same noise, regenerated from the key."""
+  s = GLITCH_SMOOTHING
+  noise = sampler.standard_normal_samples(
+      sampler.stream_key(KEY, stream), jnp.arange(num_samples), (4,))
+  noisy = np.asarray(GLITCH_X[None] + jnp.float32(s.sigma) * noise)
+  predictions = np.where(noisy[:, 0] >= 0, 0, 1)
+  glitch = np.abs(noisy[:, 1]) > 1.5
+  return np.bincount(predictions[~glitch], minlength=2), int(glitch.sum())
+
+
+@pytest.mark.parametrize("value, normalize", [
+    (float("nan"), False), (float("nan"), True), (float("inf"), False),
+    (float("inf"), True), (1e30, True)])
+def test_a_non_finite_embedding_counts_as_a_miss(value, normalize):
+  s = GLITCH_SMOOTHING
+  classifier = EmbeddingClassifier(GlitchyEncoder(value), normalize=normalize)
+  cert = standard.certify(classifier, classifier.params({}, GLITCH_U),
+                          GLITCH_X, KEY, s)
+  counts0, _ = _reference_counts("selection", s.n0)
+  counts, glitches = _reference_counts("estimation", s.n)
+  assert 100 < glitches < 1000  # about 2 Phi(-1.5) = 13% of the draws
+  expected = certificates.certificate_from_counts(
+      counts0, counts, n=s.n, sigma=s.sigma, alpha=s.alpha)
+  assert cert.prediction == expected.prediction == 0
+  np.testing.assert_array_equal(cert.counts, counts)
+  assert cert.counts.sum() == s.n - glitches
+  assert cert.pA_lower == expected.pA_lower
+  assert cert.radius == expected.radius
+  # Never larger than the clean classifier's certificate on the same noise.
+  clean = standard.certify(LINEAR, LINEAR.params(
+      {"A": jnp.eye(2, 4), "c": jnp.zeros(2)}, GLITCH_U), GLITCH_X, KEY, s)
+  assert cert.radius < clean.radius
+  # Bounding with counts.sum() draws instead of n would have raised pA.
+  assert bounds.clopper_pearson_lower(int(counts[0]), int(counts.sum()),
+                                      s.alpha) > cert.pA_lower
+
+
+def test_cached_ovc_equals_standard_rs_with_non_finite_embeddings():
+  s = GLITCH_SMOOTHING
+  classifier = EmbeddingClassifier(GlitchyEncoder(), normalize=True)
+  params = ovc.OVCParams(s, IRSParams(n_p=400), MVNParams(batch_size=1000))
+  known_u = jnp.stack([GLITCH_U, GLITCH_U[::-1]])
+  known = ovc.certify_known_prompts(classifier, {}, GLITCH_X, KEY, known_u,
+                                    params)
+  estimation = np.asarray(known.caches.embedding_draws.estimation)
+  nan_rows = np.all(np.isnan(estimation), axis=1)
+  assert nan_rows.sum() == _reference_counts("estimation", s.n)[1]
+  assert np.all(np.isfinite(estimation[~nan_rows]))
+  novel = jnp.asarray([[0.9, 0.1], [-1.0, 0.05]], jnp.float32)
+  results = {m: ovc.certify_novel_prompt(m, classifier, {}, GLITCH_X, KEY,
+                                         known.caches, novel, params)
+             for m in ("standard", "cached", "irs")}
+  a, b = results["standard"].certificate, results["cached"].certificate
+  assert (a.prediction, a.radius, a.pA_lower) == (b.prediction, b.radius,
+                                                  b.pA_lower)
+  np.testing.assert_array_equal(a.counts, b.counts)
+  assert a.prediction == 0 and a.counts.sum() < s.n
+  # MVN-OVC cannot fit a Gaussian to NaN embeddings, and says so.
+  with pytest.raises(InputError, match="Gaussian fit contains NaN"):
+    ovc.certify_novel_prompt("mvn", classifier, {}, GLITCH_X, KEY,
+                             known.caches, novel, params)
+
+
+def test_predictions_of_non_finite_embeddings_are_no_class():
+  z = jnp.asarray([[1.0, 0.0], [np.nan, 0.0], [np.inf, 0.0], [0.0, -1.0]])
+  np.testing.assert_array_equal(
+      classifiers.predict_from_embeddings(z, GLITCH_U), [0, -1, -1, 0])
+  np.testing.assert_array_equal(
+      classifiers.predict_from_embeddings(z, jnp.stack([GLITCH_U] * 3)),
+      [[0] * 3, [-1] * 3, [-1] * 3, [0] * 3])
+  embedded = EmbeddingClassifier(lambda p, x: x).embed(
+      None, jnp.asarray([[3e20, 4e20], [3.0, 4.0]], jnp.float32))
+  assert np.all(np.isnan(embedded[0]))  # its norm overflows float32
+  np.testing.assert_allclose(embedded[1], [0.6, 0.8], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 3. n is the number of draws, not the sum of the counts
+
+
+def test_counts_that_miss_draws_are_bounded_with_n():
+  cert = certificates.certificate_from_counts([5, 0], [90, 0], n=100,
+                                              sigma=1.0, alpha=0.001)
+  assert cert.pA_lower == bounds.clopper_pearson_lower(90, 100, 0.001)
+  assert cert.pA_lower < bounds.clopper_pearson_lower(90, 90, 0.001)
+  pred, radius, p_lower = jax.jit(certificates.certificate_from_counts_jax)(
+      jnp.asarray([5, 0]), jnp.asarray([90, 0]), 1.0, 0.001, n=100)
+  assert int(pred) == 0 and float(radius) <= cert.radius
+  assert float(p_lower) <= cert.pA_lower
+  with pytest.raises(ConfigError, match="do not fit n = 80 draws"):
+    certificates.certificate_from_counts([5, 0], [90, 0], n=80, sigma=1.0,
+                                         alpha=0.001)
+  # No selection draw had a class: abstain.
+  none = certificates.certificate_from_counts([0, 0], [90, 0], n=100,
+                                              sigma=1.0, alpha=0.001)
+  assert none.prediction == ABSTAIN and none.radius == 0.0
+  pred, radius, _ = certificates.certificate_from_counts_jax(
+      jnp.asarray([0, 0]), jnp.asarray([90, 0]), 1.0, 0.001, n=100)
+  assert int(pred) == ABSTAIN and float(radius) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# 5. Weights whose bytes are not the ones meant
+
+
+TOY = os.path.join(loading.checkpoints_dir(), "toy_clip")
+
+
+def _toy_copy(tmp_path, keep_hash=True):
+  target = tmp_path / "toy_clip"
+  shutil.copytree(TOY, target)
+  if not keep_hash:
+    os.remove(target / "model.safetensors.sha256")
+  return target
+
+
+def _flip_bytes(path, count=64):
+  data = bytearray(path.read_bytes())
+  start = len(data) // 2  # inside the tensor data, past the header
+  for i in range(start, start + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_the_committed_toy_checkpoint_has_its_sha256_beside_it(monkeypatch):
+  monkeypatch.delenv("OVC_JAX_CHECKPOINTS", raising=False)
+  recorded = weights_io.read_sha256_file(
+      os.path.join(TOY, "model.safetensors.sha256"))
+  assert recorded == weights_io.file_sha256(
+      os.path.join(TOY, "model.safetensors"))
+  loaded = load_clip("toy")
+  assert loaded.weights_sha256 == recorded
+
+
+def test_flipped_bytes_in_the_toy_checkpoint_are_refused(tmp_path,
+                                                         monkeypatch):
+  target = _toy_copy(tmp_path)
+  expected = weights_io.read_sha256_file(
+      str(target / "model.safetensors.sha256"))
+  _flip_bytes(target / "model.safetensors")
+  found = weights_io.file_sha256(str(target / "model.safetensors"))
+  monkeypatch.setenv("OVC_JAX_CHECKPOINTS", str(tmp_path))
+  with pytest.raises(CheckpointError) as error:
+    load_clip("toy")
+  message = str(error.value)
+  assert "\n" not in message
+  assert str(target / "model.safetensors") in message
+  assert f"expected {expected}, found {found}" in message
+
+
+def test_a_user_given_sha256_is_checked(tmp_path):
+  target = _toy_copy(tmp_path, keep_hash=False)
+  right = weights_io.file_sha256(str(target / "model.safetensors"))
+  loaded = load_clip(str(target), sha256=right.upper())
+  assert loaded.weights_sha256 == right
+  with pytest.raises(CheckpointError, match=f"given as sha256=.*expected "
+                     f"{'0' * 64}, found {right}"):
+    load_clip(str(target), sha256="0" * 64)
+  with pytest.raises(ConfigError, match="64-digit hex"):
+    load_clip(str(target), sha256="not-a-digest")
+  # Without a recorded hash, only the user's hash catches flipped bytes.
+  _flip_bytes(target / "model.safetensors")
+  with pytest.raises(CheckpointError, match="does not have the expected sha256"):
+    load_clip(str(target), sha256=right)
+
+
+def test_written_weights_record_their_sha256(tmp_path):
+  path = str(tmp_path / "w.safetensors")
+  weights_io.write_safetensors({"a": np.arange(6, dtype=np.float32)}, path)
+  assert weights_io.read_sha256_file(path + ".sha256") == (
+      weights_io.file_sha256(path))
