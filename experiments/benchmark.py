@@ -27,18 +27,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments.configs import benchmark as benchmark_configs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "benchmark.py"),
-    "Benchmark config (:quick or :full).", lock_config=True)
+_CONFIG = common.define_config_flag(benchmark_configs)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("workdirs", "benchmark"),
                                "Where benchmark.json and the caches go.")
 _CHILD = flags.DEFINE_string("compile_child", None,
@@ -372,8 +369,29 @@ def main(argv) -> None:
     compile_child(_CHILD.value, _CACHE_DIR.value)
     return
   config = _CONFIG.value
+  validate(config)
   workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
+  with common.workdir_lock(workdir):
+    run(config, workdir)
+
+
+def validate(config) -> None:
+  from ovc_jax import models  # pylint: disable=g-import-not-at-top
+  # --config.architectures=a,b arrives as one string: normalised here.
+  config.architectures = common.check_name_list(config.architectures,
+                                                "architectures")
+  for name in config.architectures:
+    if name != "toy":
+      try:
+        models.named_config(name)
+      except common.ConfigError as e:
+        raise common.ConfigError(f"{e}; set --config.architectures") from e
+  common.check_number_list(config.class_counts, "class_counts", minimum=2,
+                           allow_minimum=True, integer=True)
+
+
+def run(config, workdir: str) -> None:
+  """Measures everything and writes WORKDIR/benchmark.json (workdir locked)."""
   report = {
       "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
                 f"{jax.device_count()} device(s)); host {platform.processor() or platform.machine()}, "
@@ -426,4 +444,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

@@ -12,14 +12,13 @@ radius without and with the margin (PNG). Writes calibration.json beside it.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_dict
 
 from experiments import common
 from experiments.common import certify_job
@@ -43,19 +42,35 @@ def define_flags() -> None:
 
 @common.exit_on_user_error
 def main(argv) -> None:
-  del argv
-  workdir = _FLAGS['workdir'].value
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise ConfigError(f"{workdir} is not a certify workdir (no config.json)")
-  with open(config_path) as f:
-    config = config_dict.ConfigDict(json.load(f))
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(_FLAGS['workdir'].value, _FLAGS['out'].value, _FLAGS['step'].value)
+
+
+def run(workdir: str, out_dir: str | None = None, step: float = 0.005) -> dict:
+  """Calibrates on a finished certify run; returns calibration.json's report.
+
+  The certify workdir and the output folder are locked while it works.
+  """
+  out_dir = out_dir or workdir
+  common.check_workdir_path(workdir, "--certify_workdir")
+  common.check_workdir_path(out_dir, "--out")
+  config = certify_job.config_from_workdir(workdir)
   if config.mode != "ovc":
     raise ConfigError("calibration needs an ovc-mode certify run (its caches "
                       "hold every prompt's exact counts)")
   setup = certify_job.build_setup(config, workdir)
+  # Nothing may change the certify run while it is read, nor the outputs
+  # while they are written.
+  with contextlib.ExitStack() as held:
+    held.enter_context(common.workdir_lock(workdir, "--certify_workdir"))
+    held.enter_context(common.workdir_lock(out_dir, "--out"))
+    return calibrate(setup, out_dir, step)
+
+
+def calibrate(setup, out_dir: str, step: float) -> dict:
+  workdir = setup.workdir
   pairs = mvn_calibration.compare(setup)
-  out_dir = _FLAGS['out'].value or workdir
   report = {"note": mvn_ovc.APPROXIMATE_NOTE, "per_sigma": {}}
   everything = []
   for sigma, items in pairs.items():
@@ -63,11 +78,11 @@ def main(argv) -> None:
     report["per_sigma"][f"{sigma:g}"] = cal._asdict()
     everything += items
   overall = mvn_ovc.calibrate_margin(*map(list, zip(*everything)))
-  step = _FLAGS['step'].value
   recommended = math.ceil(overall.delta / step - 1e-9) * step if step > 0 else overall.delta
   report["overall"] = overall._asdict()
   report["recommended_delta"] = recommended
-  report["inputs"] = len(common.ResumableRun(workdir, config.to_dict()).done)
+  with certify_job.journal(setup) as journal:
+    report["inputs"] = len(journal.done)
   report["prompts"] = len(setup.known) + len(setup.novel)
   figure = os.path.join(out_dir, "mvn_vs_exact.png")
   mvn_calibration.draw(pairs, recommended, figure)
@@ -82,8 +97,9 @@ def main(argv) -> None:
   w(f"smallest delta with no MVN radius above the exact one: {overall.delta:.4f} "
     f"(recommended, rounded up: {recommended:g})\n")
   w(f"figure: {figure}\n")
+  return report
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_app(main)

@@ -12,21 +12,21 @@ single mode: one prompt, one method.
 
 Writes WORKDIR/tsv/<method>/sigma_<s>/<prompt>.tsv (Cohen's columns and more),
 WORKDIR/summary.json, and caches under WORKDIR/caches. Killed and restarted
-with the same flags, it resumes and finishes with the same rows.
+with the same flags, it resumes and finishes with the same rows; a second run
+on a workdir in use stops at once (the workdir is locked), and a finished
+workdir is not computed again. `--help` lists the config's variants and fields.
 """
 
 import os
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from experiments.common import certify_job
+from experiments.configs import certify as certify_configs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "certify.py"),
-    "Certify config file (with :variants).", lock_config=True)
+_CONFIG = common.define_config_flag(certify_configs)
 _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdirs", "certify"),
     "Where results, caches and the run's config go.")
@@ -41,4 +41,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

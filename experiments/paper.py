@@ -26,31 +26,30 @@ runs' TSVs and caches:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
 
-from absl import app
 from absl import flags
 import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
 from experiments.common import certify_job
 from experiments.common import mvn_calibration
 from experiments.configs import certify as certify_configs
+from experiments.configs import paper as paper_configs
 from ovc_jax import results
 from ovc_jax.certifiers import modified_irs, mvn_ovc
 from ovc_jax.classifiers import predict_from_embeddings
+from ovc_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "paper.py"),
-    "Paper experiments config (with :variants).", lock_config=True)
+_CONFIG = common.define_config_flag(paper_configs)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("workdirs", "paper"),
                                "Where runs, tables and figures go.")
 
@@ -72,6 +71,7 @@ def certify_config(c, backbone: str, noise_space: str):
   cc = certify_configs.get_config()
   cc.dataset = c.dataset
   cc.data_dir = c.data_dir
+  cc.download = c.download
   cc.backbone = certify_configs.BACKBONES.get(backbone, backbone)
   cc.noise_space = noise_space
   cc.sigmas = tuple(c.sigmas)
@@ -86,13 +86,13 @@ def certify_config(c, backbone: str, noise_space: str):
 
 
 def write_table(rows: list[dict], stem: str) -> None:
-  """rows -> stem.csv and stem.md (same columns, same numbers)."""
-  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  """rows -> stem.csv and stem.md (same columns, same numbers), each whole."""
   columns = list(rows[0])
-  with open(stem + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  common.atomic_write_text(stem + ".csv", text.getvalue())
 
   def fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -100,8 +100,7 @@ def write_table(rows: list[dict], stem: str) -> None:
   lines = ["| " + " | ".join(columns) + " |",
            "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.atomic_write_text(stem + ".md", "\n".join(lines) + "\n")
 
 
 def mean_curve(paths: list[str], radii) -> np.ndarray:
@@ -195,7 +194,8 @@ def agreement(setup, backbone: str, out: str) -> dict:
   known_u = np.stack([np.asarray(p.class_embeddings) for p in setup.known])
   for sigma in sigmas:
     total = np.zeros((len(setup.novel), len(setup.known)))
-    done = common.ResumableRun(setup.workdir, c.to_dict()).done
+    with certify_job.journal(setup) as journal:
+      done = list(journal.done)
     for idx in done:
       known, emb = _known_and_embeddings(setup, sigma, idx)
       probe = np.asarray(predict_from_embeddings(
@@ -261,7 +261,8 @@ def cached_vs_standard(runs, out: str) -> dict:
   return {"points": int(len(xs)), "all_equal": bool(np.array_equal(xs, ys))}
 
 
-def mvn_calibration(runs, out: str, step: float = 0.005) -> tuple[list[dict], dict]:
+def mvn_margin(runs, out: str, step: float = 0.005) -> tuple[list[dict], dict]:
+  """MVN-OVC against the exact certificates of every run (table and figure)."""
   pairs = {}
   for (backbone, space), (setup, _) in runs.items():
     for sigma, items in mvn_calibration.compare(setup).items():
@@ -324,8 +325,32 @@ def memory_speedup(runs, out: str) -> list[dict]:
   return rows
 
 
+def validate(c) -> None:
+  """The paper config's own checks (each certify run checks the rest)."""
+  # --config.backbones=a,b arrives as one string: the lists are normalised.
+  c.backbones = common.check_name_list(c.backbones, "backbones")
+  c.noise_spaces = common.check_name_list(c.noise_spaces, "noise_spaces",
+                                          ("normalized", "pixel"))
+  common.check_number_list(c.sigmas, "sigmas")
+  labels = [backbone_label(b) for b in c.backbones]
+  if len(set(labels)) != len(labels):
+    raise ConfigError(
+        f"--config.backbones {tuple(c.backbones)} name two backbones with the "
+        "same file name; give each a distinct folder name")
+
+
 def run(c, workdir: str, stream=sys.stderr) -> dict:
-  """Every run, then every table and figure; returns what paper.json holds."""
+  """Every run, then every table and figure; returns what paper.json holds.
+
+  The paper workdir is locked for the whole run (each certify run under it
+  locks its own, too).
+  """
+  validate(c)
+  with common.workdir_lock(workdir):
+    return _run_locked(c, workdir, stream)
+
+
+def _run_locked(c, workdir: str, stream) -> dict:
   runs = {}
   for backbone in c.backbones:
     for space in c.noise_spaces:
@@ -347,7 +372,7 @@ def run(c, workdir: str, stream=sys.stderr) -> dict:
   report["agreement"] = {b: agreement(setup, b, figures)
                          for (b, _), (setup, _) in normalized.items()}
   report["cached_vs_standard"] = cached_vs_standard(runs, figures)
-  mvn_rows, report["mvn_margin"] = mvn_calibration(normalized, figures)
+  mvn_rows, report["mvn_margin"] = mvn_margin(normalized, figures)
   write_table(mvn_rows, os.path.join(tables, "mvn_calibration"))
   report["mvn_calibration"] = mvn_rows
   report["memory_speedup"] = memory_speedup(runs, figures)
@@ -374,4 +399,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

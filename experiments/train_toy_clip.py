@@ -35,13 +35,13 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_dict
-from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import common
+from experiments.configs import train_toy_clip as train_configs
 from ovc_jax import certificates
 from ovc_jax import classifiers
 from ovc_jax import datasets
@@ -59,10 +59,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPORT_DIR = os.path.join(_REPO, "checkpoints", "toy_clip")
 RECORD_NAME = "TRAINING.json"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "train_toy_clip.py"),
-    "Training config file (with :variants).", lock_config=True)
+_CONFIG = common.define_config_flag(train_configs)
 _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdirs", "toy_clip"),
     "Where checkpoints and the run's config go.")
@@ -393,8 +390,29 @@ def run(config: config_dict.ConfigDict, workdir: str, export_dir: str, *,
   """Trains (resuming if it can), then evaluates and exports.
 
   Returns the record written to `export_dir/TRAINING.json`, or None when
-  stopped early at `stop_at_step`.
+  stopped early at `stop_at_step`. The workdir is locked for the whole run:
+  a second run on it stops at once.
   """
+  validate(config)
+  common.check_workdir_path(workdir)
+  common.check_workdir_path(export_dir, "--export_dir")
+  with common.workdir_lock(workdir):
+    return _run_locked(config, workdir, export_dir, stop_at_step=stop_at_step,
+                       command=command, log=log)
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """The config's lists (the library checks the rest when it builds things)."""
+  common.check_number_list(config.noise_sigmas, "noise_sigmas",
+                           allow_minimum=True)
+  common.check_number_list(config.eval.cert_sigmas, "eval.cert_sigmas")
+  for field in ("num_steps", "batch_size", "log_every", "checkpoint_every",
+                "keep_checkpoints"):
+    if config[field] < 1:
+      raise ConfigError(f"--config.{field} must be >= 1; got {config[field]}")
+
+
+def _run_locked(config, workdir, export_dir, *, stop_at_step, command, log):
   result = train(config, workdir, stop_at_step=stop_at_step, log=log)
   if result["step"] < config.num_steps:
     log(f"stopped at step {result['step']} of {config.num_steps}; run again "
@@ -440,4 +458,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_app(main)

@@ -117,7 +117,8 @@ def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
 def test_analyze_draws_and_tabulates(certify_run):
   workdir, _ = certify_run
   proc = run("experiments.analyze", f"--workdir={workdir}")
-  assert os.path.getsize(os.path.join(workdir, "certified_accuracy.png")) > 10_000
+  # Its own figure: certify's certified_accuracy.png is left alone.
+  assert os.path.getsize(os.path.join(workdir, "analysis.png")) > 10_000
   assert "Cached-OVC" in proc.stdout and "r>=0" in proc.stdout
 
 
@@ -133,8 +134,14 @@ def test_calibrate_mvn(certify_run):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.sigmas=0.0,", "sigma must be"),
-    ("--config.sigmas=-0.5,", "sigma must be"),
+    ("--config.sigmas=0.0,", "--config.sigmas holds 0.0"),
+    ("--config.sigmas=-0.5,", "--config.sigmas holds -0.5"),
+    ("--config.sigmas=nan,", "--config.sigmas holds 'nan,', which is not a number"),
+    ("--config.sigmas=0.25,0.25", "--config.sigmas lists 0.25 twice"),
+    ("--config.sigmaz=0.5", "unknown config field 'sigmaz' in "
+     "--config.sigmaz=0.5 (did you mean --config.sigmas?); the fields are: "
+     "alpha, backbone"),
+    ("--config.n=many", "flag --config.n=many"),
     ("--config.n0=0", "n0"),
     ("--config.n=0", "n (estimation draws)"),
     ("--config.alpha=1.5", "alpha"),
@@ -149,9 +156,12 @@ def test_bad_flags_fail_cleanly_and_write_nothing(tmp_path, flag, message):
   workdir = tmp_path / "w"
   proc = run("experiments.certify", f"--workdir={workdir}", *TINY, flag,
              check=False)
-  assert proc.returncode != 0
+  assert proc.returncode == 1
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
+  # One line, in the one style.
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert proc.stderr.count("error: ") == 1
   assert not workdir.exists()
 
 

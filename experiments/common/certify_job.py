@@ -17,6 +17,7 @@ single mode: one prompt, one method.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -31,6 +32,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import curves
+from experiments.configs import certify as certify_configs
 from ovc_jax import caches
 from ovc_jax import datasets
 from ovc_jax import ovc
@@ -43,7 +45,7 @@ from ovc_jax.certificates import Certificate, SmoothingParams
 from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.certifiers.mvn_ovc import APPROXIMATE_NOTE, MVNParams
 from ovc_jax.classifiers import EmbeddingClassifier
-from ovc_jax.errors import ConfigError
+from ovc_jax.errors import ConfigError, DataError
 from ovc_jax.models import load_clip
 
 METHODS = ovc.METHODS
@@ -54,33 +56,131 @@ MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
               "generated shapes: a demo model, not a real CLIP")
 
 
-def ovc_params(config, sigma: float) -> ovc.OVCParams:
-  """The library's parameter bundle for one sigma of a certify config."""
+# The config fields of OVCParams, and values each is valid with whatever the
+# others are: substituting one of them shows which field a library
+# ConfigError is about, so that the message can name its flag.
+_PARAM_FIELDS = {"n0": 100, "n": 10**9, "alpha": 0.001, "batch_size": 1000,
+                 "irs.n_p": 1, "irs.gamma": 0.01, "irs.alpha_zeta": 0.001,
+                 "mvn.delta": 0.025, "mvn.batch_size": 1000,
+                 "cached_batch_size": 1000}
+
+
+def _param_values(config) -> dict[str, Any]:
+  return {name: (config[name.split(".")[0]][name.split(".")[1]] if "." in name
+                 else config[name]) for name in _PARAM_FIELDS}
+
+
+def _make_params(v: dict[str, Any], sigma: float) -> ovc.OVCParams:
   return ovc.OVCParams(
-      smoothing=SmoothingParams(sigma=float(sigma), n0=config.n0, n=config.n,
-                                alpha=config.alpha,
-                                batch_size=config.batch_size),
-      irs=IRSParams(n_p=config.irs.n_p, gamma=config.irs.gamma,
-                    alpha_zeta=config.irs.alpha_zeta),
-      mvn=MVNParams(delta=config.mvn.delta, batch_size=config.mvn.batch_size),
-      cached_batch_size=config.cached_batch_size)
+      smoothing=SmoothingParams(sigma=float(sigma), n0=v["n0"], n=v["n"],
+                                alpha=v["alpha"], batch_size=v["batch_size"]),
+      irs=IRSParams(n_p=v["irs.n_p"], gamma=v["irs.gamma"],
+                    alpha_zeta=v["irs.alpha_zeta"]),
+      mvn=MVNParams(delta=v["mvn.delta"], batch_size=v["mvn.batch_size"]),
+      cached_batch_size=v["cached_batch_size"])
+
+
+def ovc_params(config, sigma: float) -> ovc.OVCParams:
+  """The library's parameter bundle for one sigma of a certify config.
+
+  Raises:
+    ConfigError: the library's message, plus the flag(s) to change
+      (`--config.irs.n_p`, ...).
+  """
+  values = _param_values(config)
+  try:
+    return _make_params(values, sigma)
+  except ConfigError as e:
+    culprits = []
+    for name, safe in _PARAM_FIELDS.items():
+      try:
+        _make_params({**values, name: safe}, sigma)
+      except ConfigError:
+        continue
+      culprits.append(f"--config.{name}")
+    if not culprits:
+      raise
+    raise ConfigError(f"{e}; set {' or '.join(culprits)}") from e
 
 
 def validate(config) -> None:
   """Every check on the config that can fail, before anything is written."""
-  if not config.sigmas:
-    raise ConfigError("sigmas is empty")
+  common.check_number_list(config.sigmas, "sigmas")
   for sigma in config.sigmas:
     ovc_params(config, sigma)
-  preprocessing.check_noise_space(config.noise_space)
+  try:
+    preprocessing.check_noise_space(config.noise_space)
+  except ConfigError as e:
+    raise ConfigError(f"{e}; set --config.noise_space") from e
   if config.mode not in ("ovc", "single"):
-    raise ConfigError(f"mode must be 'ovc' or 'single'; got {config.mode!r}")
+    raise ConfigError(f"--config.mode must be 'ovc' or 'single'; got "
+                      f"{config.mode!r}")
   if config.method not in METHODS:
-    raise ConfigError(f"method must be one of {METHODS}; got {config.method!r}")
+    raise ConfigError(f"--config.method must be one of {METHODS}; got "
+                      f"{config.method!r}")
+  if config.mode == "single" and config.method == "irs":
+    raise ConfigError("--config.method=irs in single mode needs the known "
+                      "prompts' caches of an ovc run: pass --config.mode=ovc "
+                      "instead (it certifies every method)")
   if config.skip < 1:
-    raise ConfigError(f"skip must be >= 1; got {config.skip}")
+    raise ConfigError(f"--config.skip must be >= 1; got {config.skip}")
   if config.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"dtype must be float32 or bfloat16; got {config.dtype!r}")
+    raise ConfigError(f"--config.dtype must be float32 or bfloat16; got "
+                      f"{config.dtype!r}")
+  if config.get("download", False) and config.dataset != "cifar10":
+    raise ConfigError(f"--config.download applies to cifar10 only; dataset "
+                      f"{config.dataset!r} is read from --config.data_dir as "
+                      "it is")
+
+
+def result_config(config) -> dict[str, Any]:
+  """The config as a workdir records it: the fields results depend on."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  d.pop(common.WEIGHTS_KEY, None)
+  for name in certify_configs.NON_RESULT_FIELDS:
+    d.pop(name, None)
+  return d
+
+
+def config_from_workdir(workdir: str):
+  """The certify config a workdir's config.json records (for calibration)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{workdir} is not a certify workdir (no config.json)")
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is corrupted: {e}") from e
+  if not isinstance(recorded, dict) or "sigmas" not in recorded:
+    raise ConfigError(f"{path} is not a certify run's config")
+  recorded.pop(common.WEIGHTS_KEY, None)
+  config = certify_configs.get_config()
+  for name in certify_configs.NON_RESULT_FIELDS:
+    recorded.setdefault(name, config[name])
+  return config_dict.ConfigDict(recorded)
+
+
+def weights_hashes(loaded) -> dict[str, str]:
+  """Content hashes of a loaded model's weights, as a workdir records them."""
+  out = {"fingerprint": loaded.fingerprint}
+  sha = getattr(loaded, "weights_sha256", None)
+  if sha:
+    out["sha256"] = sha
+  return out
+
+
+def model_title(setup) -> str:
+  """The model as figures name it."""
+  return curves.model_label(setup.config.backbone)
+
+
+def journal(setup) -> common.ResumableRun:
+  """The workdir's ResumableRun, checked against the config and the weights."""
+  return common.ResumableRun(setup.workdir, result_config(setup.config),
+                             weights=weights_hashes(setup.loaded))
 
 
 def slug(template: str) -> str:
@@ -120,21 +220,60 @@ class Setup:
     return jnp.stack([p.class_embeddings for p in self.known])
 
 
+def load_data(config):
+  """The config's dataset; cifar10 is downloaded first with --config.download."""
+  kwargs = {"download": True} if config.get("download", False) else {}
+  try:
+    return datasets.load_dataset(config.dataset, config.data_dir or None,
+                                 **kwargs)
+  except DataError as e:
+    # The library's message speaks to Python callers (download=True).
+    text = str(e)
+    if (config.dataset != "cifar10" or config.get("download", False)
+        or "--config.download" in text):
+      raise
+    if "pass download=True" in text:
+      text = text.replace("pass download=True",
+                          "pass --config.download=True to fetch it there")
+    else:
+      text += "; --config.download=True fetches it there"
+    raise DataError(text) from e
+
+
+@contextlib.contextmanager
+def _flag(*names: str):
+  """Adds the flag(s) to set to a library ConfigError that names none."""
+  try:
+    yield
+  except ConfigError as e:
+    if "--config." in str(e):
+      raise
+    # The most specific field the message names, else all of them.
+    named = sorted((n for n in names if n in str(e)), key=len, reverse=True)
+    flags = (f"--config.{named[0]}" if named else
+             " or ".join(f"--config.{n}" for n in names))
+    raise ConfigError(f"{e}; set {flags}") from e
+
+
 def build_setup(config, workdir: str) -> Setup:
   """Loads the model, data and prompts; raises OVCError for bad input."""
   validate(config)
-  loaded = load_clip(config.backbone, dtype=config.dtype,
-                     tokenizer_path=config.tokenizer or None)
-  dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
-  class_names = (prompt_lists.load_class_names(config.classes)
-                 if config.classes else list(dataset.class_names))
+  with _flag("backbone"):
+    loaded = load_clip(config.backbone, dtype=config.dtype,
+                       tokenizer_path=config.tokenizer or None)
+  with _flag("dataset", "data_dir"):
+    dataset = load_data(config)
+  with _flag("classes"):
+    class_names = (prompt_lists.load_class_names(config.classes)
+                   if config.classes else list(dataset.class_names))
   if len(class_names) != len(dataset.class_names):
     raise ConfigError(
-        f"{len(class_names)} class names given, but dataset {config.dataset} "
-        f"has {len(dataset.class_names)} classes")
+        f"--config.classes gives {len(class_names)} class names, but dataset "
+        f"{config.dataset} has {len(dataset.class_names)} classes")
   indices = datasets.subsample_indices(len(dataset), config.skip, config.max)
   if not indices:
-    raise ConfigError("no inputs selected: check skip and max")
+    raise ConfigError("no inputs selected: check --config.skip and "
+                      "--config.max")
   preprocess = None if config.noise_space == "normalized" else loaded.preprocess
   classifier = EmbeddingClassifier(loaded.model.embed_images, normalize=True,
                                    preprocess=preprocess)
@@ -146,17 +285,21 @@ def build_setup(config, workdir: str) -> Setup:
 
   known, novel, single = [], [], None
   if config.mode == "ovc":
-    templates = (prompt_lists.load_templates(config.templates)
-                 if config.templates else prompt_lists.templates_for(config.dataset))
+    with _flag("templates"):
+      templates = (prompt_lists.load_templates(config.templates)
+                   if config.templates else
+                   prompt_lists.templates_for(config.dataset))
     if not 1 <= config.num_novel < len(templates):
-      raise ConfigError(f"num_novel must lie in [1, {len(templates) - 1}] for "
-                        f"{len(templates)} templates; got {config.num_novel}")
+      raise ConfigError(f"--config.num_novel must lie in "
+                        f"[1, {len(templates) - 1}] for {len(templates)} "
+                        f"templates; got {config.num_novel}")
     known_t, novel_t = prompt_lists.split_templates(
         templates, config.num_novel, config.split_seed)
     known = [make(t, "known", i) for i, t in enumerate(known_t)]
     novel = [make(t, "novel", i) for i, t in enumerate(novel_t)]
   else:
-    prompt_lists.validate_templates([config.prompt])
+    with _flag("prompt"):
+      prompt_lists.validate_templates([config.prompt])
     single = make(config.prompt, "single", 0)
   return Setup(config=config, workdir=workdir,
                cache_dir=config.cache_dir or os.path.join(workdir, "caches"),
@@ -250,10 +393,17 @@ def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
   stack = jnp.stack([p.class_embeddings for p in prompts])
   known, seconds = _timed(lambda: ovc.certify_known_prompts(
       setup.classifier, setup.loaded.params, x, key, stack, params))
-  ovc.save_caches(input_cache_dir(setup, sigma, idx), known.caches,
-                  provenance(setup, sigma, key, image),
-                  alpha=setup.config.alpha,
-                  templates=[p.template for p in prompts])
+  directory = input_cache_dir(setup, sigma, idx)
+  try:
+    ovc.save_caches(directory, known.caches,
+                    provenance(setup, sigma, key, image),
+                    alpha=setup.config.alpha,
+                    templates=[p.template for p in prompts])
+  except OSError as e:
+    # The input is not done: its caches are written again on the resume, so
+    # a partial set (and the folders above it, if empty) goes now.
+    common.discard_dir(directory, setup.cache_dir)
+    raise common.disk_error(e, directory) from e
   return [Row("standard", p, sigma, cert, seconds)
           for p, cert in zip(prompts, known.certificates)]
 
@@ -274,9 +424,6 @@ def certify_input(setup: Setup, idx: int) -> list[Row]:
       # Certified as a one-prompt stack: the same certificate, and the caches
       # for later prompts.
       rows += certify_known(setup, [setup.single], x, key, sigma, idx, image)
-    elif c.method == "irs":
-      raise ConfigError("single-mode irs needs the known prompts' caches of an "
-                        "ovc run; run mode=ovc instead")
     else:
       rows.append(certify_novel(setup, c.method, setup.single, x, key, sigma,
                                 idx))
@@ -361,6 +508,7 @@ def summarize_run(setup: Setup) -> dict:
       exactness[f"sigma_{sigma:g}"] = all(same)
   return {
       "model": {"name": setup.loaded.name, "fingerprint": setup.loaded.fingerprint,
+                "weights": weights_hashes(setup.loaded),
                 "note": MODEL_NOTE if setup.is_toy else
                         f"weights loaded from {setup.config.backbone}"},
       "dataset": c.dataset,
@@ -402,39 +550,88 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
     w(f"\nCached-OVC identical to standard RS: "
       f"{summary['cached_identical_to_standard']}\n")
     w(f"{APPROXIMATE_NOTE} (margin delta = {c.mvn.delta})\n")
+  w("s/input: seconds to certify one input for one prompt by that method "
+    "(mean over the prompts), compilation excluded\n")
   w(f"results: {setup.workdir}/summary.json, {setup.workdir}/tsv/ and "
     f"{summary['figure']}\n")
 
 
+def progress_note(setup: Setup) -> str:
+  """What one item of the progress line's s/input counts."""
+  c = setup.config
+  sigmas = f"{len(c.sigmas)} sigma{'s' if len(c.sigmas) > 1 else ''}"
+  if c.mode == "ovc":
+    return (f"all {len(setup.known)} known and {len(setup.novel)} novel prompts"
+            f" x {len(METHODS)} methods of one input, {sigmas}")
+  return f"one prompt, {c.method}, {sigmas}"
+
+
+def figure_title(setup: Setup) -> str:
+  c = setup.config
+  return (f"Certified accuracy: {model_title(setup)} on {c.dataset}, "
+          f"n={c.n:,}, α={c.alpha:g}")
+
+
 def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
-  """Certifies the configured inputs (resuming), then summarises the run."""
+  """Certifies the configured inputs (resuming), then summarises the run.
+
+  One process at a time: the workdir (and a --config.cache_dir outside it)
+  is locked for the whole run.
+  """
+  common.check_workdir_path(workdir)
+  if config.cache_dir:
+    common.check_workdir_path(config.cache_dir, "--config.cache_dir")
   setup = build_setup(config, workdir)
+  with contextlib.ExitStack() as held:
+    held.enter_context(common.workdir_lock(workdir))
+    if not _inside(setup.cache_dir, workdir):
+      held.enter_context(common.workdir_lock(setup.cache_dir,
+                                             flag="--config.cache_dir"))
+    return _run_locked(setup, held.enter_context(journal(setup)), stream)
+
+
+def _inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder + os.sep)
+
+
+def _run_locked(setup: Setup, journal_: common.ResumableRun,
+                stream) -> tuple[Setup, dict]:
+  config, workdir = setup.config, setup.workdir
   if setup.is_toy:
     stream.write(f"note: {MODEL_NOTE}\n")
-  journal = common.ResumableRun(workdir, config.to_dict())
   tables = all_tables(setup)
-  journal.prepare(tables)
-  todo = journal.remaining(setup.indices)
-  # Compile every shape on the first input before timing anything.
+  journal_.prepare(tables)
+  todo = journal_.remaining(setup.indices)
+  if not todo:
+    stream.write(
+        f"note: nothing was recomputed: all {len(setup.indices)} inputs of "
+        f"this configuration are done in {workdir} (done.txt); the results "
+        "below are the stored ones. Pass another --workdir to compute again.\n")
+  # Compile every shape on the first input to do before timing anything (not
+  # on a done one: a failed cache write there would remove finished caches).
   if todo:
     stream.write("warming up (compiling) on the first input...\n")
-    certify_input(setup, setup.indices[0])
+    certify_input(setup, todo[0])
   progress = common.Progress(len(setup.indices), "inputs", stream=stream,
-                             already_done=len(setup.indices) - len(todo))
+                             already_done=len(setup.indices) - len(todo),
+                             per=progress_note(setup))
   for idx in todo:
     rows = certify_input(setup, idx)
     label = int(setup.dataset.labels[idx])
-    journal.commit(idx, {
+    journal_.commit(idx, {
         tsv_path(setup, r.method, r.prompt, r.sigma):
             (tables[tsv_path(setup, r.method, r.prompt, r.sigma)],
              r.line(idx, label, config.alpha)) for r in rows})
     progress.update(note=f"input {idx}")
   summary = summarize_run(setup)
   summary["config"] = config.to_dict()
+  summary["recomputed_inputs"] = len(todo)
   # The curves of every (method, sigma, known/novel) group; the table is
   # print_report's, so the curves' copy of it is dropped.
   summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
   curves.draw(curves.workdir_groups(workdir), summary["figure"],
-              x_label=curves.axis_label(workdir), stream=io.StringIO())
+              x_label=curves.axis_label(workdir), stream=io.StringIO(),
+              title=figure_title(setup))
   common.write_json(os.path.join(workdir, "summary.json"), summary)
   return setup, summary

@@ -9,7 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from experiments.common import ResumableRun
 from experiments.common import certify_job
 from experiments.common import save_figure
 from ovc_jax import sampler
@@ -22,11 +21,12 @@ def compare(setup) -> dict[float, list[tuple[Certificate, Certificate]]]:
   """{sigma: [(mvn without margin, exact)]} over the run's inputs and prompts."""
   config = setup.config
   stack = jnp.stack([p.class_embeddings for p in setup.known + setup.novel])
-  run = ResumableRun(setup.workdir, config.to_dict())
-  if not run.done:
+  with certify_job.journal(setup) as run:
+    done = list(run.done)
+  if not done:
     raise ConfigError(f"{setup.workdir} has no finished inputs")
   pairs = {float(s): [] for s in config.sigmas}
-  for idx in run.done:
+  for idx in done:
     key = sampler.input_key(config.seed, idx)
     for sigma in config.sigmas:
       source = certify_job.stored_caches(setup, sigma, idx)

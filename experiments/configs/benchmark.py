@@ -10,6 +10,12 @@ quick: n reduced so that standard RS on full-size architectures finishes on a
 from ml_collections import config_dict
 
 
+# What --help says about the variants (experiments.common.config_help).
+VARIANTS = """quick (the default: n reduced so that a 2-core CPU finishes) | full
+(Cohen's n = 100,000, five architectures; accelerators)"""
+EXAMPLE_VARIANTS = "full"
+
+
 def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   # 'toy' is the project's trained toy-world CLIP; the others are full-size

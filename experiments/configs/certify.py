@@ -9,9 +9,9 @@ The argument after ':' is a comma-separated list of variants, applied in order:
   backbones  toy | vit_b32 | vit_b16 | vit_l14 | rn50 | rn101 | openclip_vit_b32
   scale      quick (CI-sized) | paper (n = 100,000, Cohen's subsampling, four sigmas)
   mode       ovc (known then novel prompts, all four methods) | single (one prompt, one method)
-  method     standard | irs | cached | mvn (single mode)
+  method     standard | cached | mvn (single mode; irs needs ovc mode's known prompts)
   noise      pixel (noise in native [0, 1] pixel space; default: normalised space)
-Any field can then be set with --config.FIELD=VALUE.
+Any field can then be set with --config.FIELD=VALUE (`--help` lists them all).
 """
 
 from ml_collections import config_dict
@@ -32,11 +32,27 @@ BACKBONES = {
                          "ViT-B-32-laion2b_s34b_b79k/open_clip_model.safetensors"),
 }
 
+# What --help says about the variants (experiments.common.config_help).
+VARIANTS = """datasets toy | cifar10 | imagenet;
+backbones toy | vit_b32 | vit_b16 | vit_l14 | rn50 | rn101 | openclip_vit_b32;
+scale quick (CI-sized) | paper (n = 100,000, Cohen's subsampling, four sigmas);
+mode ovc (known then novel prompts, all four methods) | single (one prompt, one
+method); method standard | cached | mvn (single mode; irs needs the known
+prompts of ovc mode); noise pixel (noise in native [0, 1] pixel space; default:
+normalised space)"""
+EXAMPLE_VARIANTS = "cifar10,vit_b32,paper"
+
+# Fields that do not change any result: a workdir may be resumed with other
+# values of these (they are not compared with its config.json).
+NON_RESULT_FIELDS = ("download",)
+
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   # What is certified.
   c.dataset = "toy"
   c.data_dir = ""             # empty: the dataset's default location
+  c.download = False          # cifar10: fetch the verified archive into data_dir first
   c.backbone = "toy"
   c.tokenizer = ""            # empty: the backbone's own tokenizer files
   c.dtype = "float32"         # or "bfloat16" (accelerators)
@@ -97,4 +113,4 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
   else:
     # SystemExit, not ValueError: ml_collections would print a traceback.
     raise SystemExit(f"error: unknown certify config variant {variant!r}; "
-                     "see experiments/configs/certify.py")
+                     "the variants are: " + " ".join(VARIANTS.split()))

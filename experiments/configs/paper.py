@@ -14,11 +14,20 @@ from ml_collections import config_dict
 from ovc_jax.dataset_settings import DEFAULT_SKIP
 
 
+# What --help says about the variants (experiments.common.config_help).
+VARIANTS = """datasets toy | cifar10 | imagenet; scale ci (tiny, for tests) |
+paper (n = 100,000, Cohen's subsampling, sigma in {0.12, 0.25, 0.5, 1.0}).
+--config.backbones takes names of experiments/configs/certify.py's BACKBONES
+(toy, vit_b32, vit_b16, vit_l14, rn50, rn101, openclip_vit_b32)"""
+EXAMPLE_VARIANTS = "cifar10,paper"
+
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.backbones = ("toy",)
   c.dataset = "toy"
   c.data_dir = ""
+  c.download = False  # cifar10: fetch the verified archive into data_dir first
   c.noise_spaces = ("normalized", "pixel")
   c.sigmas = (0.12, 0.25, 0.5)
   c.n0 = 100
@@ -49,5 +58,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     else:
       # SystemExit, not ValueError: ml_collections would print a traceback.
       raise SystemExit(f"error: unknown paper config variant {variant!r}; "
-                       "see experiments/configs/paper.py")
+                       "the variants are: toy, cifar10, imagenet, ci, paper")
   return c

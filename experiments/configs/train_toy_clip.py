@@ -18,6 +18,12 @@ seconds on two cores.
 from ml_collections import config_dict
 
 
+# What --help says about the variants (experiments.common.config_help).
+VARIANTS = """tiny (a few steps of a very small model, for tests) | no_eval_cert
+(skip the smoothed-classifier evaluation)"""
+EXAMPLE_VARIANTS = "tiny"
+
+
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
@@ -93,5 +99,6 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
   elif variant == "no_eval_cert":
     c.eval.certify = False
   else:
-    raise ValueError(f"unknown train_toy_clip config variant {variant!r}; see "
-                     "experiments/configs/train_toy_clip.py")
+    # SystemExit, not ValueError: ml_collections would print a traceback.
+    raise SystemExit(f"error: unknown train_toy_clip config variant "
+                     f"{variant!r}; the variants are: tiny, no_eval_cert")
