@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments import common
+from experiments.common import certify_job
 from experiments.configs import attack as attack_configs
 from ovc_jax import attacks
 from ovc_jax import clipure
@@ -54,7 +55,6 @@ from ovc_jax import sampler
 from ovc_jax import zeroshot
 from ovc_jax.classifiers import EmbeddingClassifier
 from ovc_jax.errors import ConfigError, DataError, InputError
-from ovc_jax.models import load_clip
 
 _CONFIG = common.define_config_flag(attack_configs)
 _WORKDIR = flags.DEFINE_string(
@@ -111,15 +111,7 @@ class Setup:
 def build_setup(config, workdir: str) -> Setup:
   """Loads the model, data, prompt and blank; raises OVCError for bad input."""
   validate(config)
-  loaded = load_clip(config.backbone, dtype=config.dtype,
-                     tokenizer_path=config.tokenizer or None)
-  dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
-  class_names = (prompt_lists.load_class_names(config.classes)
-                 if config.classes else list(dataset.class_names))
-  if len(class_names) != len(dataset.class_names):
-    raise ConfigError(
-        f"{len(class_names)} class names given, but dataset {config.dataset} "
-        f"has {len(dataset.class_names)} classes")
+  loaded, dataset, class_names = certify_job.load_model_and_data(config)
   indices = datasets.subsample_indices(len(dataset), config.skip, config.max)
   if not indices:
     raise ConfigError("no inputs selected: check skip and max")

@@ -69,7 +69,6 @@ def run(workdir: str, out_dir: str | None = None, step: float = 0.005) -> dict:
 
 
 def calibrate(setup, out_dir: str, step: float) -> dict:
-  workdir = setup.workdir
   pairs = mvn_calibration.compare(setup)
   report = {"note": mvn_ovc.APPROXIMATE_NOTE, "per_sigma": {}}
   everything = []

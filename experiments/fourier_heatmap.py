@@ -36,26 +36,22 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
+from experiments.common import certify_job
 from experiments.configs import fourier_heatmap as fh_config
 from ovc_jax import datasets
 from ovc_jax import fourier
 from ovc_jax import prompts as prompt_lists
 from ovc_jax.errors import ConfigError, DataError
-from ovc_jax.models import load_clip
 
 _FLAGS = {}
 
 
 def define_flags() -> None:
   """Defined only when this module is the program."""
-  _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs",
-                             "fourier_heatmap.py"),
-      "Fourier heat map config file (with :variants).", lock_config=True)
+  _FLAGS["config"] = common.define_config_flag(fh_config)
   _FLAGS["workdir"] = flags.DEFINE_string(
       "workdir", "", "Where the rows, maps and figures go (default: "
       "workdirs/fourier_heatmap/DATASET-BACKBONE-CLASSIFIER).")
@@ -167,15 +163,7 @@ def load_images(dataset, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
 def build_setup(config, workdir: str) -> Setup:
   """Loads the model, data, prompt and classifier; raises OVCError for bad input."""
   validate(config)
-  loaded = load_clip(config.backbone, dtype=config.dtype,
-                     tokenizer_path=config.tokenizer or None)
-  dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
-  class_names = (prompt_lists.load_class_names(config.classes)
-                 if config.classes else list(dataset.class_names))
-  if len(class_names) != len(dataset.class_names):
-    raise ConfigError(
-        f"{len(class_names)} class names given, but dataset {config.dataset} "
-        f"has {len(dataset.class_names)} classes")
+  loaded, dataset, class_names = certify_job.load_model_and_data(config)
   indices = select_indices(len(dataset), num_images(config))
   images, labels = load_images(dataset, indices)
   height, width = fourier.check_image_size(images.shape[1], images.shape[2])
@@ -409,4 +397,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_app(main)

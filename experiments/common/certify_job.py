@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from experiments import common
 from experiments.common import curves
 from experiments.configs import certify as certify_configs
 from ovc_jax import caches
+from ovc_jax import clipure
 from ovc_jax import datasets
 from ovc_jax import ovc
 from ovc_jax import preprocessing
@@ -198,6 +199,34 @@ class Prompt:
   class_embeddings: jax.Array
 
 
+class ModelId(NamedTuple):
+  """What a cache's provenance records of the model (see caches.Provenance)."""
+
+  name: str
+  fingerprint: str
+  preprocess: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseClassifier:
+  """One image-side base classifier the job certifies, with its params.
+
+  Attributes:
+    name: "" for plain zero-shot CLIP (its TSVs and caches at the usual
+      paths), else a subfolder name ("clipure_cos").
+    label: how tables and figures name it.
+    classifier: the EmbeddingClassifier.
+    encoder_params: its encoder's params.
+    model: what its caches' provenance records.
+  """
+
+  name: str
+  label: str
+  classifier: EmbeddingClassifier
+  encoder_params: Any
+  model: ModelId
+
+
 @dataclasses.dataclass
 class Setup:
   config: Any
@@ -205,6 +234,7 @@ class Setup:
   cache_dir: str
   loaded: Any
   classifier: EmbeddingClassifier
+  base_classifiers: list[BaseClassifier]
   dataset: Any
   indices: list[int]
   known: list[Prompt]
@@ -218,6 +248,45 @@ class Setup:
 
   def known_stack(self) -> jax.Array:
     return jnp.stack([p.class_embeddings for p in self.known])
+
+  def base(self, name: str) -> BaseClassifier:
+    return next(b for b in self.base_classifiers if b.name == name)
+
+
+PURIFICATIONS = ("", "clipure_cos")
+
+
+def base_classifiers(config, loaded, classifier: EmbeddingClassifier,
+                     templates: list[str]) -> list[BaseClassifier]:
+  """Plain CLIP, and CLIPure-Cos beside it when --config.purify asks for it
+  (the same inputs and keys, so the two are compared sample for sample)."""
+  plain = BaseClassifier("", "CLIP", classifier, loaded.params,
+                         ModelId(loaded.name, loaded.fingerprint,
+                                 loaded.preprocess))
+  if not config.purify:
+    return [plain]
+  cp = config.clipure
+  with _flag("clipure.steps", "clipure.step_size"):
+    clipure.check_purification_args(steps=cp.steps, step_size=cp.step_size)
+  if cp.blank not in ("templates", "single"):
+    raise ConfigError("--config.clipure.blank must be 'templates' (the "
+                      "dataset's templates with an empty class name, as the "
+                      "official code) or 'single' (\"a photo of a .\", as the "
+                      f"paper); got {cp.blank!r}")
+  with _flag("purify"):
+    blank = clipure.blank_embedding(
+        loaded, templates if cp.blank == "templates"
+        else [clipure.SINGLE_BLANK_TEMPLATE])
+  purified = EmbeddingClassifier(
+      clipure.PurifiedEncoder(loaded.model.embed_images, steps=cp.steps,
+                              step_size=float(cp.step_size)),
+      normalize=True, preprocess=classifier.preprocess)
+  name = (f"{loaded.name}+clipure_cos(steps={cp.steps},"
+          f"step_size={float(cp.step_size):g},blank={cp.blank})")
+  return [plain, BaseClassifier(
+      "clipure_cos", "CLIPure-Cos", purified,
+      clipure.purified_encoder_params(loaded.params, blank),
+      ModelId(name, loaded.fingerprint, loaded.preprocess))]
 
 
 def load_data(config):
@@ -255,9 +324,9 @@ def _flag(*names: str):
     raise ConfigError(f"{e}; set {flags}") from e
 
 
-def build_setup(config, workdir: str) -> Setup:
-  """Loads the model, data and prompts; raises OVCError for bad input."""
-  validate(config)
+def load_model_and_data(config):
+  """(loaded CLIP, dataset, class names) of any experiment config with the
+  fields backbone, dtype, tokenizer, dataset, data_dir and classes."""
   with _flag("backbone"):
     loaded = load_clip(config.backbone, dtype=config.dtype,
                        tokenizer_path=config.tokenizer or None)
@@ -270,6 +339,13 @@ def build_setup(config, workdir: str) -> Setup:
     raise ConfigError(
         f"--config.classes gives {len(class_names)} class names, but dataset "
         f"{config.dataset} has {len(dataset.class_names)} classes")
+  return loaded, dataset, class_names
+
+
+def build_setup(config, workdir: str) -> Setup:
+  """Loads the model, data and prompts; raises OVCError for bad input."""
+  validate(config)
+  loaded, dataset, class_names = load_model_and_data(config)
   indices = datasets.subsample_indices(len(dataset), config.skip, config.max)
   if not indices:
     raise ConfigError("no inputs selected: check --config.skip and "
@@ -284,11 +360,11 @@ def build_setup(config, workdir: str) -> Setup:
                   zeroshot.class_embeddings(loaded, template, class_names))
 
   known, novel, single = [], [], None
+  with _flag("templates"):
+    templates = (prompt_lists.load_templates(config.templates)
+                 if config.templates else
+                 prompt_lists.templates_for(config.dataset))
   if config.mode == "ovc":
-    with _flag("templates"):
-      templates = (prompt_lists.load_templates(config.templates)
-                   if config.templates else
-                   prompt_lists.templates_for(config.dataset))
     if not 1 <= config.num_novel < len(templates):
       raise ConfigError(f"--config.num_novel must lie in "
                         f"[1, {len(templates) - 1}] for {len(templates)} "
@@ -303,7 +379,10 @@ def build_setup(config, workdir: str) -> Setup:
     single = make(config.prompt, "single", 0)
   return Setup(config=config, workdir=workdir,
                cache_dir=config.cache_dir or os.path.join(workdir, "caches"),
-               loaded=loaded, classifier=classifier, dataset=dataset,
+               loaded=loaded, classifier=classifier,
+               base_classifiers=base_classifiers(config, loaded, classifier,
+                                                 templates),
+               dataset=dataset,
                indices=indices, known=known, novel=novel, single=single,
                is_toy=config.backbone == "toy")
 
@@ -319,29 +398,45 @@ def model_input(setup: Setup, image: np.ndarray) -> jax.Array:
   return _preprocess(jnp.asarray(image), setup.loaded.preprocess)
 
 
-def provenance(setup: Setup, sigma: float, key, image) -> caches.Provenance:
+def provenance(setup: Setup, sigma: float, key, image,
+               base: str = "") -> caches.Provenance:
   return caches.Provenance.for_input(
-      setup.loaded, noise_space=setup.config.noise_space,
+      setup.base(base).model, noise_space=setup.config.noise_space,
       smoothing=ovc_params(setup.config, sigma).smoothing, key=key,
       image=image, dtype=setup.config.dtype, num_classes=setup.num_classes)
 
 
-def input_cache_dir(setup: Setup, sigma: float, idx: int) -> str:
-  return os.path.join(setup.cache_dir, f"sigma_{sigma:g}", str(idx))
+def input_cache_dir(setup: Setup, sigma: float, idx: int,
+                    base: str = "") -> str:
+  return os.path.join(setup.cache_dir, base, f"sigma_{sigma:g}", str(idx))
 
 
-def stored_caches(setup: Setup, sigma: float, idx: int) -> ovc.StoredCaches:
-  """The caches an earlier pass over input `idx` left, checked on each load."""
+def stored_caches(setup: Setup, sigma: float, idx: int, base: str = "", *,
+                  verify: bool = False) -> ovc.StoredCaches:
+  """The caches an earlier pass over input `idx` left, checked on each load.
+
+  With `verify`, loading the embeddings also regenerates
+  --config.verify_cache_samples of their noise samples with the encoder and
+  compares (for caches from an earlier run; a cache this run just wrote is
+  not checked again).
+  """
   image, _ = setup.dataset[idx]
   key = sampler.input_key(setup.config.seed, idx)
+  b = setup.base(base)
+  samples = int(setup.config.get("verify_cache_samples", 0)) if verify else 0
   return ovc.StoredCaches(
-      input_cache_dir(setup, sigma, idx), provenance(setup, sigma, key, image),
+      input_cache_dir(setup, sigma, idx, base),
+      provenance(setup, sigma, key, image, base),
       known_class_embeddings=setup.known_stack() if setup.known else None,
-      templates=tuple(p.template for p in setup.known) if setup.known else None)
+      templates=tuple(p.template for p in setup.known) if setup.known else None,
+      verify=ovc.NovelInput(b.classifier, b.encoder_params,
+                            model_input(setup, image), key) if samples else None,
+      verify_samples=samples)
 
 
-def tsv_path(setup: Setup, method: str, prompt: Prompt, sigma: float) -> str:
-  return os.path.join(setup.workdir, "tsv", method, f"sigma_{sigma:g}",
+def tsv_path(setup: Setup, method: str, prompt: Prompt, sigma: float,
+             base: str = "") -> str:
+  return os.path.join(setup.workdir, "tsv", base, method, f"sigma_{sigma:g}",
                       f"{prompt.name}.tsv")
 
 
@@ -355,6 +450,10 @@ class Row:
   cert: Certificate
   seconds: float
   result: ovc.NovelResult | None = None
+  base: str = ""
+
+  def path(self, setup: Setup) -> str:
+    return tsv_path(setup, self.method, self.prompt, self.sigma, self.base)
 
   def line(self, idx: int, label: int, alpha: float) -> str:
     irs = self.result.irs if self.result is not None else None
@@ -377,26 +476,33 @@ def _timed(fn):
 
 
 def certify_novel(setup: Setup, method: str, prompt: Prompt, x, key,
-                  sigma: float, idx: int) -> Row:
-  """One novel prompt by one method, timed from the cache read to the result."""
-  source = stored_caches(setup, sigma, idx)
+                  sigma: float, idx: int, base: str = "") -> Row:
+  """One novel prompt by one method, timed from the cache read to the result.
+
+  In single mode the caches come from an earlier run, so they are verified
+  by regenerating a few samples; in ovc mode this run just wrote them.
+  """
+  source = stored_caches(setup, sigma, idx, base,
+                         verify=setup.config.mode == "single")
+  b = setup.base(base)
   result, secs = _timed(lambda: ovc.certify_novel_prompt(
-      method, setup.classifier, setup.loaded.params, x, key, source,
+      method, b.classifier, b.encoder_params, x, key, source,
       prompt.class_embeddings, ovc_params(setup.config, sigma)))
-  return Row(method, prompt, sigma, result.certificate, secs, result)
+  return Row(method, prompt, sigma, result.certificate, secs, result, base)
 
 
 def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
-                  idx: int, image) -> list[Row]:
+                  idx: int, image, base: str = "") -> list[Row]:
   """Prompts certified together in one pass, which leaves the input's caches."""
   params = ovc_params(setup.config, sigma)
   stack = jnp.stack([p.class_embeddings for p in prompts])
+  b = setup.base(base)
   known, seconds = _timed(lambda: ovc.certify_known_prompts(
-      setup.classifier, setup.loaded.params, x, key, stack, params))
-  directory = input_cache_dir(setup, sigma, idx)
+      b.classifier, b.encoder_params, x, key, stack, params))
+  directory = input_cache_dir(setup, sigma, idx, base)
   try:
     ovc.save_caches(directory, known.caches,
-                    provenance(setup, sigma, key, image),
+                    provenance(setup, sigma, key, image, base),
                     alpha=setup.config.alpha,
                     templates=[p.template for p in prompts])
   except OSError as e:
@@ -404,7 +510,7 @@ def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
     # a partial set (and the folders above it, if empty) goes now.
     common.discard_dir(directory, setup.cache_dir)
     raise common.disk_error(e, directory) from e
-  return [Row("standard", p, sigma, cert, seconds)
+  return [Row("standard", p, sigma, cert, seconds, None, base)
           for p, cert in zip(prompts, known.certificates)]
 
 
@@ -416,34 +522,40 @@ def certify_input(setup: Setup, idx: int) -> list[Row]:
   key = sampler.input_key(c.seed, idx)
   rows = []
   for sigma in c.sigmas:
-    if c.mode == "ovc":
-      rows += certify_known(setup, setup.known, x, key, sigma, idx, image)
-      rows += [certify_novel(setup, m, p, x, key, sigma, idx)
-               for p in setup.novel for m in METHODS]
-    elif c.method == "standard" and c.write_caches:
-      # Certified as a one-prompt stack: the same certificate, and the caches
-      # for later prompts.
-      rows += certify_known(setup, [setup.single], x, key, sigma, idx, image)
-    else:
-      rows.append(certify_novel(setup, c.method, setup.single, x, key, sigma,
-                                idx))
+    for base in (b.name for b in setup.base_classifiers):
+      if c.mode == "ovc":
+        rows += certify_known(setup, setup.known, x, key, sigma, idx, image,
+                              base)
+        rows += [certify_novel(setup, m, p, x, key, sigma, idx, base)
+                 for p in setup.novel for m in METHODS]
+      elif c.method == "standard" and c.write_caches:
+        # Certified as a one-prompt stack: the same certificate, and the
+        # caches for later prompts.
+        rows += certify_known(setup, [setup.single], x, key, sigma, idx,
+                              image, base)
+      else:
+        rows.append(certify_novel(setup, c.method, setup.single, x, key,
+                                  sigma, idx, base))
   return rows
 
 
 def all_tables(setup: Setup) -> dict[str, str]:
   """{tsv path: header} of every file this run writes."""
-  header = results.header(EXTRA_COLUMNS)
-  tables = {}
-  for sigma in setup.config.sigmas:
-    if setup.config.mode == "ovc":
-      for p in setup.known:
-        tables[tsv_path(setup, "standard", p, sigma)] = header
-      for p in setup.novel:
-        for m in METHODS:
-          tables[tsv_path(setup, m, p, sigma)] = header
-    else:
-      tables[tsv_path(setup, setup.config.method, setup.single, sigma)] = header
-  return tables
+  return {tsv_path(setup, method, prompt, sigma, base):
+              results.header(EXTRA_COLUMNS)
+          for base, _, method, prompt, sigma in _groups(setup)}
+
+
+def _groups(setup: Setup):
+  """(base, role, method, prompt, sigma) of every TSV the run writes."""
+  c = setup.config
+  for sigma in c.sigmas:
+    for base in (b.name for b in setup.base_classifiers):
+      yield from ((base, "known", "standard", p, sigma) for p in setup.known)
+      yield from ((base, "novel", m, p, sigma)
+                  for p in setup.novel for m in METHODS)
+      if setup.single:
+        yield base, "single", c.method, setup.single, sigma
 
 
 def cache_bytes(setup: Setup) -> dict[str, dict[str, int]]:
@@ -464,21 +576,19 @@ def summarize_run(setup: Setup) -> dict:
   """The JSON summary, computed from the TSVs as written."""
   c = setup.config
   per_table, methods = {}, {}
-  for sigma in c.sigmas:
-    groups = ([("known", "standard", p) for p in setup.known]
-              + [("novel", m, p) for p in setup.novel for m in METHODS]
-              + ([("single", c.method, setup.single)] if setup.single else []))
-    for role, method, prompt in groups:
-      path = tsv_path(setup, method, prompt, sigma)
-      summary = results.summarize_tsv(path)
-      columns = results.read_tsv(path)
-      if method == "irs":
-        summary["irs_applied_fraction"] = float(np.mean(columns["irs_applied"]))
-      if method == "mvn":
-        summary["approximate"] = True
-      per_table[os.path.relpath(path, setup.workdir)] = summary
-      group = methods.setdefault(f"{role}/{method}/sigma_{sigma:g}", [])
-      group.append((summary, columns))
+  for base, role, method, prompt, sigma in _groups(setup):
+    path = tsv_path(setup, method, prompt, sigma, base)
+    summary = results.summarize_tsv(path)
+    columns = results.read_tsv(path)
+    if method == "irs":
+      summary["irs_applied_fraction"] = float(np.mean(columns["irs_applied"]))
+    if method == "mvn":
+      summary["approximate"] = True
+    summary["certified_fraction"] = float(np.mean(columns["predict"] >= 0))
+    per_table[os.path.relpath(path, setup.workdir)] = summary
+    group = methods.setdefault(
+        f"{_role(base, role)}/{method}/sigma_{sigma:g}", [])
+    group.append((summary, columns))
   aggregate = {}
   for name, entries in methods.items():
     aggregate[name] = {
@@ -490,22 +600,26 @@ def summarize_run(setup: Setup) -> dict:
         "average_certified_radius": float(np.mean(
             [s["average_certified_radius"] for s, _ in entries])),
         "abstention_rate": float(np.mean([s["abstention_rate"] for s, _ in entries])),
+        "certified_fraction": float(np.mean(
+            [s["certified_fraction"] for s, _ in entries])),
     }
   exactness = {}
   if c.mode == "ovc":
     for sigma in c.sigmas:
-      std = aggregate[f"novel/standard/sigma_{sigma:g}"]["seconds_per_input"]
-      for m in METHODS:
-        entry = aggregate[f"novel/{m}/sigma_{sigma:g}"]
-        entry["speedup_over_standard"] = std / max(entry["seconds_per_input"], 1e-12)
-      # Cached-OVC must equal standard RS row for row (prediction and radius).
-      same = []
-      for p in setup.novel:
-        a = results.read_tsv(tsv_path(setup, "standard", p, sigma))
-        b = results.read_tsv(tsv_path(setup, "cached", p, sigma))
-        same.append(bool(np.array_equal(a["predict"], b["predict"])
-                         and np.array_equal(a["radius"], b["radius"])))
-      exactness[f"sigma_{sigma:g}"] = all(same)
+      for base in (b.name for b in setup.base_classifiers):
+        novel = _role(base, "novel")
+        std = aggregate[f"{novel}/standard/sigma_{sigma:g}"]["seconds_per_input"]
+        for m in METHODS:
+          entry = aggregate[f"{novel}/{m}/sigma_{sigma:g}"]
+          entry["speedup_over_standard"] = std / max(entry["seconds_per_input"], 1e-12)
+        # Cached-OVC must equal standard RS row for row (prediction and radius).
+        same = []
+        for p in setup.novel:
+          a = results.read_tsv(tsv_path(setup, "standard", p, sigma, base))
+          b = results.read_tsv(tsv_path(setup, "cached", p, sigma, base))
+          same.append(bool(np.array_equal(a["predict"], b["predict"])
+                           and np.array_equal(a["radius"], b["radius"])))
+        exactness[os.path.join(base, f"sigma_{sigma:g}")] = all(same)
   return {
       "model": {"name": setup.loaded.name, "fingerprint": setup.loaded.fingerprint,
                 "weights": weights_hashes(setup.loaded),
@@ -526,6 +640,12 @@ def summarize_run(setup: Setup) -> dict:
   }
 
 
+def _role(base: str, role: str) -> str:
+  """A summary group's role: "novel", or "clipure_cos:novel" for a purified
+  base classifier."""
+  return f"{base}:{role}" if base else role
+
+
 def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
   c = setup.config
   w = stream.write
@@ -535,7 +655,8 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
   radii = ["0", "0.25", "0.5", "1"]
   for sigma in c.sigmas:
     w(f"\nsigma = {sigma:g}\n")
-    w(f"{'prompts':8} {'method':24} " + " ".join(f"r>={r:5}" for r in radii)
+    width = max(8, *(len(n.split("/")[0]) for n in summary["methods"]))
+    w(f"{'prompts':{width}} {'method':24} " + " ".join(f"r>={r:5}" for r in radii)
       + f" {'s/input':>9} {'speedup':>8}\n")
     for name, entry in summary["methods"].items():
       role, method, s = name.split("/")
@@ -544,7 +665,7 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
       acc = " ".join(f"{entry['certified_accuracy'].get(r, 0.0):7.3f}" for r in radii)
       speed = entry.get("speedup_over_standard")
       speed = f"{speed:7.1f}x" if speed is not None else " " * 8
-      w(f"{role:8} {METHOD_NAMES[method]:24} {acc} "
+      w(f"{role:{width}} {METHOD_NAMES[method]:24} {acc} "
         f"{entry['seconds_per_input']:9.4f} {speed}\n")
   if c.mode == "ovc":
     w(f"\nCached-OVC identical to standard RS: "
@@ -581,6 +702,10 @@ def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
   common.check_workdir_path(workdir)
   if config.cache_dir:
     common.check_workdir_path(config.cache_dir, "--config.cache_dir")
+  # A workdir of a multi-process run (experiments/common/distributed.py) is
+  # resumed by its processes, not by one.
+  from experiments.common import distributed  # pylint: disable=g-import-not-at-top
+  distributed.check_single_process(workdir)
   setup = build_setup(config, workdir)
   with contextlib.ExitStack() as held:
     held.enter_context(common.workdir_lock(workdir))
@@ -620,9 +745,8 @@ def _run_locked(setup: Setup, journal_: common.ResumableRun,
     rows = certify_input(setup, idx)
     label = int(setup.dataset.labels[idx])
     journal_.commit(idx, {
-        tsv_path(setup, r.method, r.prompt, r.sigma):
-            (tables[tsv_path(setup, r.method, r.prompt, r.sigma)],
-             r.line(idx, label, config.alpha)) for r in rows})
+        r.path(setup): (tables[r.path(setup)],
+                        r.line(idx, label, config.alpha)) for r in rows})
     progress.update(note=f"input {idx}")
   summary = summarize_run(setup)
   summary["config"] = config.to_dict()
@@ -633,5 +757,53 @@ def _run_locked(setup: Setup, journal_: common.ResumableRun,
   curves.draw(curves.workdir_groups(workdir), summary["figure"],
               x_label=curves.axis_label(workdir), stream=io.StringIO(),
               title=figure_title(setup))
+  if len(setup.base_classifiers) > 1:
+    summary["comparison_figure"] = draw_base_comparison(setup)
   common.write_json(os.path.join(workdir, "summary.json"), summary)
   return setup, summary
+
+
+def draw_base_comparison(setup: Setup) -> str:
+  """Plain CLIP against CLIPure-Cos (same inputs, same keys), one panel per
+  sigma: standard RS on the known prompts (solid) and Cached-OVC from each
+  classifier's own caches on the novel prompts (dashed)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  c = setup.config
+  top = 0.0
+  panels = []
+  for sigma in c.sigmas:
+    lines = []
+    for base, colour in zip((b.name for b in setup.base_classifiers),
+                            ("tab:blue", "tab:orange")):
+      label = setup.base(base).label
+      for role, method, style, prompts in (
+          ("known", "standard", "-", setup.known or [setup.single]),
+          ("novel", "cached", "--", setup.novel)):
+        if not prompts or (c.mode != "ovc" and role == "novel"):
+          continue
+        cols = [curves.read_results(tsv_path(setup, method, p, sigma, base))
+                for p in prompts]
+        top = max([top] + [float(x["radius"].max()) for x in cols])
+        name = ("standard RS, known prompts" if role == "known" else
+                "Cached-OVC, novel prompts")
+        lines.append((f"{label}: {name}", cols, colour, style))
+    panels.append((sigma, lines))
+  grid = np.linspace(0.0, max(top, 0.5) * 1.05, 200)
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8),
+                           dpi=120, squeeze=False, sharey=True)
+  for ax, (sigma, lines) in zip(axes[0], panels):
+    for label, cols, colour, style in lines:
+      acc = np.mean([curves.curve(x, grid) for x in cols], axis=0)
+      ax.plot(grid, acc, style, color=colour, label=label, linewidth=1.6)
+    ax.set_title(f"σ = {sigma:g}", fontsize=9)
+    ax.set_xlabel(curves.axis_label(setup.workdir), fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("certified accuracy")
+  axes[0][-1].legend(fontsize=7, loc="upper right")
+  fig.suptitle(figure_title(setup).replace("Certified accuracy",
+                                           "CLIP and CLIPure-Cos"), fontsize=10)
+  fig.tight_layout()
+  out = os.path.join(setup.workdir, "clip_vs_clipure.png")
+  common.save_figure(fig, out)
+  return out

@@ -19,6 +19,7 @@ from ovc_jax.errors import DataError
 from ovc_jax.ovc import NOVEL_CERTIFIERS
 
 METHOD_LABELS = {name: c.label for name, c in NOVEL_CERTIFIERS.items()}
+BASE_LABELS = {"clipure_cos": "CLIPure-Cos"}
 
 
 # Cohen's columns that hold numbers, checked before any curve is drawn.
@@ -80,8 +81,11 @@ def workdir_groups(workdir: str, by: str = "method") -> dict[str, list[str]]:
     method, sigma_dir, name = parts[-3:]
     role = name.split("-", 1)[0].rstrip("0123456789")
     sigma = sigma_dir.replace("sigma_", "")
-    label = (f"{METHOD_LABELS.get(method, method)}, σ={sigma}" if by == "method"
-             else f"σ={sigma}, {METHOD_LABELS.get(method, method)}")
+    method_label = METHOD_LABELS.get(method, method)
+    if len(parts) > 3:  # a base classifier other than plain CLIP
+      method_label = f"{BASE_LABELS.get(parts[-4], parts[-4])}: {method_label}"
+    label = (f"{method_label}, σ={sigma}" if by == "method"
+             else f"σ={sigma}, {method_label}")
     label = f"{label} ({role} prompts)"
     groups[label].append(path)
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else 99

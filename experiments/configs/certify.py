@@ -11,6 +11,8 @@ The argument after ':' is a comma-separated list of variants, applied in order:
   mode       ovc (known then novel prompts, all four methods) | single (one prompt, one method)
   method     standard | cached | mvn (single mode; irs needs ovc mode's known prompts)
   noise      pixel (noise in native [0, 1] pixel space; default: normalised space)
+  classifier clipure (CLIPure-Cos latent purification, certified beside plain CLIP
+             with the same inputs and keys; --config.clipure.* sets its steps)
 Any field can then be set with --config.FIELD=VALUE (`--help` lists them all).
 """
 
@@ -39,12 +41,13 @@ scale quick (CI-sized) | paper (n = 100,000, Cohen's subsampling, four sigmas);
 mode ovc (known then novel prompts, all four methods) | single (one prompt, one
 method); method standard | cached | mvn (single mode; irs needs the known
 prompts of ovc mode); noise pixel (noise in native [0, 1] pixel space; default:
-normalised space)"""
+normalised space); classifier clipure (CLIPure-Cos certified beside plain
+CLIP)"""
 EXAMPLE_VARIANTS = "cifar10,vit_b32,paper"
 
 # Fields that do not change any result: a workdir may be resumed with other
 # values of these (they are not compared with its config.json).
-NON_RESULT_FIELDS = ("download",)
+NON_RESULT_FIELDS = ("download", "verify_cache_samples")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -84,6 +87,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mvn.delta = 0.025         # margin; calibrated, see README "MVN-OVC's margin"
   c.mvn.batch_size = 10_000
   c.cached_batch_size = 10_000
+  # Reading caches of an earlier run (single mode): regenerate this many of
+  # their noise samples with the encoder and compare (0: skip the check).
+  c.verify_cache_samples = 4
+  # Base classifier: "" (plain zero-shot CLIP) or "clipure_cos" (CLIPure-Cos
+  # latent purification, certified beside plain CLIP on the same inputs and
+  # keys; its TSVs and caches go under tsv/clipure_cos/ and caches/clipure_cos/).
+  c.purify = ""
+  c.clipure = config_dict.ConfigDict()
+  c.clipure.steps = 10        # the official defaults
+  c.clipure.step_size = 30.0
+  c.clipure.blank = "templates"  # the dataset's templates, blank; or "single": "a photo of a ."
 
   for variant in filter(None, (arg or "").split(",")):
     _apply(c, variant.strip())
@@ -110,6 +124,8 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
     c.method = variant
   elif variant == "pixel":
     c.noise_space = "pixel"
+  elif variant == "clipure":
+    c.purify = "clipure_cos"
   else:
     # SystemExit, not ValueError: ml_collections would print a traceback.
     raise SystemExit(f"error: unknown certify config variant {variant!r}; "

@@ -1,0 +1,488 @@
+"""One certify run across several processes (and hosts), merged into one workdir.
+
+`python -m experiments.certify --distributed ...` started once per process
+(by Slurm's srun, mpirun, a TPU pod's `--worker=all`, or by hand) calls
+`jax.distributed.initialize()` and then:
+
+  split     the run's selected dataset indices (in dataset order) are divided
+            strided: process k of n certifies indices[k::n]. Every process
+            gets floor(N/n) or ceil(N/n) inputs, and inputs that are slower
+            in some stretch of the dataset are spread over all processes.
+  certify   one input at a time on the process's local devices, each input's
+            noise keyed by (seed, dataset index) only
+            (`ovc_jax.sampler.input_key`), so every row equals the one a
+            one-process run writes. Rows go to the process's own part:
+              WORKDIR/parts/process_<k>_of_<n>/{config.json,done.txt,tsv/}
+            through `ResumableRun` (exactly-once rows, its own lock), and
+            caches to the shared WORKDIR/caches/sigma_<s>/<idx>/ (each input's
+            by the process that certified it).
+  barrier   the distributed runtime's key-value-store barrier
+            (`DistributedRuntimeClient.wait_at_barrier`, with a timeout); no
+            device collectives are needed, so it works on CPU, GPU and TPU
+            alike. (`multihost_utils.sync_global_devices` also works on CPU
+            here, through gloo, but waits without a timeout.)
+  merge     process 0 checks every part is complete, then writes the usual
+            WORKDIR/tsv/<method>/sigma_<s>/<prompt>.tsv with rows in dataset
+            index order (what a one-process run writes), WORKDIR/done.txt and
+            WORKDIR/summary.json (with per-process seconds per input, the
+            wall time and the throughput). `python -m experiments.merge
+            --workdir=DIR` does the same later, for processes that finished
+            at different times.
+
+WORKDIR/distributed.json records the number of processes: a restart with
+another number is refused (the parts would not line up), and so is a
+one-process run on a multi-process workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from typing import Iterable, Sequence
+
+from experiments import common
+from ovc_jax.errors import ConfigError
+
+PARTS = "parts"
+RECORD = "distributed.json"
+TIMING = "timing.json"
+SPLIT_RULE = "strided: process k of n certifies indices[k::n]"
+BARRIER_DONE = "ovc_certify_parts_done"
+
+# When this process started (near enough: experiments.certify imports this
+# module at its start, after JAX): the wall time counts model loading and
+# compilation, not the seconds Python takes to import JAX.
+_PROCESS_START = time.time()
+
+
+class DistributedError(common.WorkdirError):
+  """A multi-process run cannot start, finish or be merged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  """This process's place in a run: process `process_id` of `num_processes`."""
+
+  process_id: int = 0
+  num_processes: int = 1
+
+  @property
+  def is_distributed(self) -> bool:
+    return self.num_processes > 1
+
+  def __str__(self) -> str:
+    return f"process {self.process_id} of {self.num_processes}"
+
+
+# ---------------------------------------------------------------------------
+# Starting up
+
+
+def initialize(coordinator_address: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None, *,
+               initialization_timeout: int = 300) -> ProcessInfo:
+  """`jax.distributed.initialize`, before any JAX computation.
+
+  Arguments left None are filled in by JAX's cluster detection (TPU pods,
+  Slurm, Open MPI, ...); on a machine it cannot detect, give all three.
+
+  Raises:
+    ConfigError: a bad combination of arguments.
+    DistributedError: the runtime could not start (one line).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes must be >= 1; got {num_processes}")
+  if process_id is not None and process_id < 0:
+    raise ConfigError(f"--process_id must be >= 0; got {process_id}")
+  if (num_processes is not None and process_id is not None
+      and process_id >= num_processes):
+    raise ConfigError(f"--process_id={process_id} must be below "
+                      f"--num_processes={num_processes}")
+  kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
+                              ("num_processes", num_processes),
+                              ("process_id", process_id)) if v is not None}
+  try:
+    jax.distributed.initialize(initialization_timeout=initialization_timeout,
+                               **kwargs)
+  except (ValueError, RuntimeError) as e:
+    text = " ".join(str(e).split())[:400]
+    hint = ("" if kwargs else "; outside a TPU pod, Slurm or Open MPI job, pass "
+            "--coordinator_address=HOST:PORT --num_processes=N --process_id=K")
+    raise DistributedError(
+        f"jax.distributed.initialize failed: {text}{hint}") from e
+  return ProcessInfo(jax.process_index(), jax.process_count())
+
+
+def current() -> ProcessInfo:
+  """This process's ProcessInfo (0 of 1 when JAX runs single-process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return ProcessInfo(jax.process_index(), jax.process_count())
+
+
+# ---------------------------------------------------------------------------
+# Splitting
+
+
+def shard(indices: Sequence[int], process_id: int,
+          num_processes: int) -> list[int]:
+  """The dataset indices process `process_id` certifies: indices[k::n]."""
+  return list(indices)[process_id::num_processes]
+
+
+def owner(position: int, num_processes: int) -> int:
+  """The process that certifies the input at `position` in the indices."""
+  return position % num_processes
+
+
+def part_dir(workdir: str, process_id: int, num_processes: int) -> str:
+  return os.path.join(workdir, PARTS,
+                      f"process_{process_id}_of_{num_processes}")
+
+
+# ---------------------------------------------------------------------------
+# The workdir's record of the number of processes
+
+
+def read_record(workdir: str) -> dict | None:
+  path = os.path.join(workdir, RECORD)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DistributedError(f"{path} is corrupted ({e}); restore it or pass "
+                           "another --workdir") from e
+  if not isinstance(record, dict) or not isinstance(
+      record.get("num_processes"), int):
+    raise DistributedError(f"{path} is corrupted (no num_processes); restore "
+                           "it or pass another --workdir")
+  return record
+
+
+def check_record(workdir: str, num_processes: int, num_inputs: int) -> None:
+  """Records the number of processes in a new workdir; refuses another one.
+
+  Raises:
+    DistributedError: the workdir was started with another number of
+      processes, or holds a one-process run.
+  """
+  record = read_record(workdir)
+  if record is None:
+    if os.path.exists(os.path.join(workdir, "done.txt")):
+      raise DistributedError(
+          f"workdir {workdir} holds a one-process run (done.txt, no {RECORD}); "
+          "resume it without --distributed, or pass another --workdir")
+    common.write_json(os.path.join(workdir, RECORD), {
+        "num_processes": num_processes, "split": SPLIT_RULE,
+        "inputs": num_inputs,
+        "parts": os.path.join(PARTS, f"process_<k>_of_{num_processes}")})
+    return
+  if record["num_processes"] != num_processes:
+    raise DistributedError(
+        f"workdir {workdir} was started by {record['num_processes']} processes "
+        f"({RECORD}), not {num_processes}: its inputs are split among "
+        f"{record['num_processes']} parts; restart with "
+        f"{record['num_processes']} processes (--num_processes="
+        f"{record['num_processes']}), or pass another --workdir")
+
+
+def check_single_process(workdir: str) -> None:
+  """Refuses a one-process run on a workdir of a multi-process run."""
+  record = read_record(workdir)
+  if record is not None and record["num_processes"] > 1:
+    raise DistributedError(
+        f"workdir {workdir} belongs to a run of {record['num_processes']} "
+        f"processes ({RECORD}): resume it with --distributed and "
+        f"{record['num_processes']} processes, merge finished parts with "
+        f"`python -m experiments.merge --workdir={workdir}`, or pass another "
+        "--workdir")
+
+
+# ---------------------------------------------------------------------------
+# Barrier
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Waits until every process reaches `name` (no-op in a one-process run).
+
+  Raises:
+    DistributedError: not every process arrived within `timeout_s`.
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None:
+    return
+  try:
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError)
+    raise DistributedError(
+        f"not every process reached barrier {name!r} within {timeout_s:g} s "
+        f"({' '.join(str(e).split())[:200]})") from e
+
+
+# ---------------------------------------------------------------------------
+# Parts
+
+
+def read_done(path: str) -> list[int]:
+  """The input indices a done.txt lists (an unfinished last line is not)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split("\n")
+  return [int(line) for line in lines[:-1] if line.strip().isdigit()]
+
+
+def _ranges(values: Iterable[int]) -> str:
+  values = list(values)
+  shown = ", ".join(str(v) for v in values[:20])
+  return shown + (f", ... ({len(values)} in all)" if len(values) > 20 else "")
+
+
+def missing_inputs(workdir: str, indices: Sequence[int],
+                   num_processes: int) -> dict[int, list[int]]:
+  """{process: its input indices its part has not finished} (only nonempty)."""
+  out = {}
+  for k in range(num_processes):
+    done = set(read_done(os.path.join(part_dir(workdir, k, num_processes),
+                                      "done.txt")))
+    missing = [i for i in shard(indices, k, num_processes) if i not in done]
+    if missing:
+      out[k] = missing
+  return out
+
+
+def check_parts(workdir: str, indices: Sequence[int],
+                num_processes: int) -> None:
+  """Raises DistributedError, one line naming the missing inputs and their
+  owners, unless every part holds all its inputs."""
+  missing = missing_inputs(workdir, indices, num_processes)
+  if missing:
+    parts = "; ".join(
+        f"process {k} ({os.path.join(PARTS, os.path.basename(part_dir(workdir, k, num_processes)))})"
+        f" has not certified input{'s' if len(v) > 1 else ''} {_ranges(v)}"
+        for k, v in missing.items())
+    raise DistributedError(
+        f"cannot merge {workdir}: {parts}; run those processes again with the "
+        "same flags (each redoes only its own missing inputs), then merge")
+
+
+def merge_tables(workdir: str, tables: dict[str, str], indices: Sequence[int],
+                 num_processes: int) -> None:
+  """Writes each table of `tables` ({top-level tsv path: header}) from the
+  parts' copies, rows in the order of `indices`."""
+  order = {idx: position for position, idx in enumerate(indices)}
+  for path, header in tables.items():
+    rel = os.path.relpath(path, workdir)
+    rows: dict[int, str] = {}
+    for k in range(num_processes):
+      part = part_dir(workdir, k, num_processes)
+      done = set(read_done(os.path.join(part, "done.txt")))
+      part_path = os.path.join(part, rel)
+      if not os.path.exists(part_path):
+        continue
+      with open(part_path) as f:
+        lines = f.read().split("\n")
+      for line in lines[1:-1]:  # the last element is '' or a partial row
+        idx = line.split("\t", 1)[0]
+        if idx.isdigit() and int(idx) in done and int(idx) in order:
+          rows.setdefault(int(idx), line + "\n")
+    absent = [i for i in indices if i not in rows]
+    if absent:
+      raise DistributedError(
+          f"cannot merge {workdir}: {rel} lacks the rows of input"
+          f"{'s' if len(absent) > 1 else ''} {_ranges(absent)} (processes "
+          f"{sorted({owner(order[i], num_processes) for i in absent})}); the "
+          "part is damaged: delete those inputs from its done.txt and run its "
+          "process again")
+    common.atomic_write_text(
+        path, header + "".join(rows[i] for i in sorted(rows, key=order.get)))
+
+
+def _timing(workdir: str, num_processes: int) -> list[dict]:
+  out = []
+  for k in range(num_processes):
+    path = os.path.join(part_dir(workdir, k, num_processes), TIMING)
+    try:
+      with open(path) as f:
+        out.append(json.load(f))
+    except (OSError, ValueError):
+      out.append({"process_id": k, "note": f"no {TIMING}"})
+  return out
+
+
+def time_summary(workdir: str, num_inputs: int, num_processes: int) -> dict:
+  """Per-process seconds per input, the wall time and the throughput."""
+  parts = _timing(workdir, num_processes)
+  starts = [p["started"] for p in parts if "started" in p]
+  ends = [p["finished"] for p in parts if "finished" in p]
+  wall = (max(ends) - min(starts)) if starts and ends else None
+  return {
+      "num_processes": num_processes,
+      "split": SPLIT_RULE,
+      "processes": parts,
+      "wall_seconds": wall,
+      "inputs_per_hour": (num_inputs / wall * 3600.0) if wall else None,
+      "note": ("per process: its last session (a resumed part counts only the "
+               "inputs it certified then); wall_seconds: first start (after "
+               "importing JAX) to last finish of those sessions, model "
+               "loading, compilation and the warm-up input included; "
+               "seconds_per_input excludes them"),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Running one process and merging
+
+
+def _certify_part(setup, process: ProcessInfo, stream) -> dict:
+  """Certifies this process's inputs into its part; returns its timing."""
+  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
+  started = _PROCESS_START
+  part = dataclasses.replace(
+      setup, workdir=part_dir(setup.workdir, process.process_id,
+                              process.num_processes),
+      indices=shard(setup.indices, process.process_id, process.num_processes))
+  with certify_job.journal(part) as journal_:
+    tables = certify_job.all_tables(part)
+    journal_.prepare(tables)
+    todo = journal_.remaining(part.indices)
+    if not todo:
+      stream.write(f"{process}: all {len(part.indices)} of its inputs are done "
+                   f"in {part.workdir}\n")
+    if todo:
+      stream.write(f"{process}: warming up (compiling) on input {todo[0]}...\n")
+      certify_job.certify_input(part, todo[0])
+    progress = common.Progress(len(part.indices), "inputs", stream=stream,
+                               already_done=len(part.indices) - len(todo),
+                               per=certify_job.progress_note(part))
+    loop_start = time.perf_counter()
+    for idx in todo:
+      rows = certify_job.certify_input(part, idx)
+      label = int(part.dataset.labels[idx])
+      journal_.commit(idx, {
+          certify_job.tsv_path(part, r.method, r.prompt, r.sigma):
+              (tables[certify_job.tsv_path(part, r.method, r.prompt, r.sigma)],
+               r.line(idx, label, setup.config.alpha)) for r in rows})
+      progress.update(note=f"input {idx} ({process})")
+    seconds = time.perf_counter() - loop_start
+  timing = {"process_id": process.process_id,
+            "inputs_owned": len(part.indices),
+            "inputs_certified": len(todo),
+            "seconds": seconds,
+            "seconds_per_input": seconds / len(todo) if todo else None,
+            "started": started, "finished": time.time()}
+  common.write_json(os.path.join(part.workdir, TIMING), timing)
+  return timing
+
+
+def run_process(config, workdir: str, process: ProcessInfo, *,
+                barrier_timeout_s: float = 24 * 3600.0, stream=sys.stderr):
+  """One process of a multi-process certify run; process 0 also merges.
+
+  Returns:
+    (setup, summary) on process 0, (setup, None) on the others.
+  """
+  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
+  common.check_workdir_path(workdir)
+  if config.cache_dir:
+    common.check_workdir_path(config.cache_dir, "--config.cache_dir")
+  setup = certify_job.build_setup(config, workdir)
+  if len(setup.indices) < process.num_processes:
+    raise ConfigError(
+        f"{len(setup.indices)} inputs selected for {process.num_processes} "
+        "processes: some would have nothing to do; use fewer processes or "
+        "select more inputs (--config.skip, --config.max)")
+  check_record(workdir, process.num_processes, len(setup.indices))
+  common.check_workdir_config(workdir, certify_job.result_config(config),
+                              "results",
+                              weights=certify_job.weights_hashes(setup.loaded))
+  if setup.is_toy and process.process_id == 0:
+    stream.write(f"note: {certify_job.MODEL_NOTE}\n")
+  _certify_part(setup, process, stream)
+  stream.write(f"{process}: part done; waiting for the other processes\n")
+  stream.flush()
+  try:
+    barrier(BARRIER_DONE, barrier_timeout_s)
+  except DistributedError as e:
+    if process.process_id != 0:
+      raise
+    raise DistributedError(
+        f"{e}; when every process has finished, run `python -m "
+        f"experiments.merge --workdir={workdir}`") from e
+  if process.process_id != 0:
+    return setup, None
+  return setup, merge_setup(setup, stream=stream)
+
+
+def merge_setup(setup, *, stream=sys.stderr) -> dict:
+  """Merges a multi-process workdir's parts; writes tsv/, done.txt and
+  summary.json (and the figure) at its top. Returns the summary."""
+  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
+  from experiments.common import curves  # pylint: disable=g-import-not-at-top
+  workdir = setup.workdir
+  record = read_record(workdir)
+  if record is None:
+    raise DistributedError(f"{workdir} is not a multi-process certify workdir "
+                           f"(no {RECORD})")
+  n = record["num_processes"]
+  with common.workdir_lock(workdir):
+    check_parts(workdir, setup.indices, n)
+    merge_tables(workdir, certify_job.all_tables(setup), setup.indices, n)
+    common.atomic_write_text(os.path.join(workdir, "done.txt"),
+                             "".join(f"{i}\n" for i in setup.indices))
+    summary = certify_job.summarize_run(setup)
+    summary["config"] = setup.config.to_dict()
+    timing = time_summary(workdir, len(setup.indices), n)
+    summary["recomputed_inputs"] = sum(
+        p.get("inputs_certified", 0) for p in timing["processes"])
+    summary["distributed"] = timing
+    summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
+    curves.draw(curves.workdir_groups(workdir), summary["figure"],
+                x_label=curves.axis_label(workdir), stream=io.StringIO(),
+                title=certify_job.figure_title(setup))
+    common.write_json(os.path.join(workdir, "summary.json"), summary)
+  stream.write(f"merged {n} parts into {workdir}/tsv/ ({len(setup.indices)} "
+               "inputs, dataset index order)\n")
+  return summary
+
+
+def merge_workdir(workdir: str, stream=sys.stderr):
+  """`experiments.merge`: the parts of a finished multi-process workdir."""
+  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise DistributedError(f"no workdir {workdir}")
+  record = read_record(workdir)
+  if record is None:
+    raise DistributedError(f"{workdir} is not a multi-process certify workdir "
+                           f"(no {RECORD})")
+  config = certify_job.config_from_workdir(workdir)
+  setup = certify_job.build_setup(config, workdir)
+  # The same weights as the parts were certified with.
+  common.check_workdir_config(workdir, certify_job.result_config(config),
+                              "results",
+                              weights=certify_job.weights_hashes(setup.loaded))
+  return setup, merge_setup(setup, stream=stream)
+
+
+def print_time(summary: dict, stream=sys.stdout) -> None:
+  t = summary.get("distributed")
+  if not t:
+    return
+  w = stream.write
+  w(f"\n{t['num_processes']} processes ({t['split']}):\n")
+  for p in t["processes"]:
+    spi = p.get("seconds_per_input")
+    w(f"  process {p.get('process_id')}: {p.get('inputs_certified', 0)} of "
+      f"{p.get('inputs_owned', '?')} inputs certified in its last session"
+      + (f", {spi:.3f} s/input" if spi else "") + "\n")
+  if t["wall_seconds"]:
+    w(f"  wall time {t['wall_seconds']:.1f} s, {t['inputs_per_hour']:.1f} "
+      "inputs/hour\n")
