@@ -42,6 +42,8 @@ _CHILD = flags.DEFINE_string("compile_child", None,
                              "Internal: time the first result of this architecture.")
 _CACHE_DIR = flags.DEFINE_string("compile_cache_dir", None,
                                  "Internal: JAX persistent compilation cache dir.")
+_MEMORY_CHILD = flags.DEFINE_string(
+    "memory_child", None, "Internal: the peak memory of one method (JSON spec).")
 
 SCALED_N = 100_000  # cache sizes are reported for Cohen's n
 
@@ -150,6 +152,14 @@ def peer_throughput(backbone: Backbone, x: jax.Array, config) -> dict:
           "peer_note": "transformers FlaxCLIPModel.get_image_features"}
 
 
+def standard_second_n(config, images_per_s: float | None) -> int:
+  """The n of standard RS's second timing for the large-n fit."""
+  n = int(config.large.standard_n)
+  if images_per_s:
+    n = max(n, int(images_per_s * config.large.standard_seconds) - config.n0)
+  return min(n, int(config.large.n))
+
+
 def benchmark_class_count(backbone: Backbone, x, num_classes: int, config,
                           cache_root: str) -> dict:
   """The four certifiers on one new prompt with `num_classes` classes."""
@@ -215,7 +225,10 @@ def benchmark_class_count(backbone: Backbone, x, num_classes: int, config,
                                   + (SCALED_N - config.n) * row_bytes)
   out["cache_bytes_mvn"] = int(on_disk["gaussian"])
   out["cache_bytes_measured"] = on_disk
-  return out
+  context = {"novel": novel, "classifier": classifier, "params": params,
+             "key": key, "source": source,
+             "real_embeddings": known_result.caches.embedding_draws.estimation}
+  return out, context
 
 
 COMPILE_CHILD_N = "first result: one standard CERTIFY with n0 = n = batch_size"
@@ -271,6 +284,507 @@ def compile_times(name: str, workdir: str) -> dict:
 
 _CONFIG_PATH = os.path.join(os.path.dirname(__file__), "configs", "benchmark.py")
 
+
+# ---------------------------------------------------------------------------
+# The n = 100,000 section: Cached-OVC and MVN-OVC at Cohen's n, standard RS
+# scaled to it, a roofline, peak memory.
+
+LARGE_NOTES = {
+    "cache": "Cached-OVC and MVN-OVC are timed at n = large.n on a cache of "
+             "that size whose rows are draws from a Gaussian fit of the "
+             "architecture's real noisy embeddings (the n = config.n ones), "
+             "L2-normalised: their time depends on n, d and C, not on the "
+             "values; the caches are written with caches.save_embeddings / "
+             "save_gaussian and read back as the certifiers read them",
+    "standard": "standard RS is timed at n = config.n and at a second n "
+                "(large.standard_n, or as many as the encoder takes in "
+                "large.standard_seconds); t = a + b (n0 + n) is fitted "
+                "through the two and SCALED to n0 + large.n. Where the "
+                "second n reaches large.n (a fast encoder) it is measured, "
+                "not scaled",
+    "memory": "cache in memory: jax arrays (OVCCaches, as "
+              "certify_known_prompts leaves them), through "
+              "ovc.certify_novel_prompt",
+    "disk_warm": "ovc.StoredCaches (metadata and CRC-32 checks over every "
+                 "byte, then the memory-mapped arrays) with the files in the "
+                 "page cache",
+    "disk_cold": "the same right after dropping the files from the page "
+                 "cache (posix_fadvise DONTNEED; the fraction still resident "
+                 "is recorded)",
+    "read_path": "cached_ovc.certify_cached on the memory-mapped .npy files "
+                 "alone (np.load(mmap_mode='r'), no cache checks): the read "
+                 "Cached-OVC itself does, cold",
+    "inputs": "cached_ovc.certify_cached on the same rows as a jax array, a "
+              "numpy array (np.array copy) and a warm memory map",
+    "roofline": "bytes read and FLOPs per call against this machine's rates "
+                "measured in the same run, per architecture: memory = numpy "
+                "sum-read of the in-memory cache, disk = sequential read of a "
+                "large file (16 MiB reads, page cache dropped first; median "
+                "of reads interleaved with the cold runs), matmul = XLA's "
+                "[n, d] x [d, 1000] float32 matmul alone",
+    "peak_memory": "a fresh child process per method: VmHWM minus VmRSS "
+                   "(/proc/self/status) across the first call, the peak "
+                   "reset just before it through /proc/self/clear_refs; this "
+                   "includes compilation and the memory-mapped cache pages "
+                   "the call maps. 'warm' is the same across a second call: "
+                   "what a process that has run the method once adds",
+    "mvn": "MVN-OVC is approximate, not a certificate",
+}
+DISK_READ_CHUNK = 16 << 20
+
+
+def _libc():
+  import ctypes  # pylint: disable=g-import-not-at-top
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+  except OSError:
+    return None
+  libc.mmap.restype = ctypes.c_void_p
+  libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_int, ctypes.c_int, ctypes.c_long)
+  libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+  libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+  return libc
+
+
+def drop_from_page_cache(paths) -> None:
+  """Evicts files from the page cache. Pages still mapped stay (so the
+  garbage that may hold memory maps is collected first), and so do dirty
+  ones (so the files are synced first)."""
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  for path in paths:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)  # dirty pages (a cache just written) cannot be dropped
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def resident_fraction(paths) -> float | None:
+  """The fraction of the files' pages in the page cache (mincore), or None
+  where that cannot be asked."""
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import mmap  # pylint: disable=g-import-not-at-top
+  libc = _libc()
+  if libc is None or not sys.platform.startswith("linux"):
+    return None
+  page = mmap.PAGESIZE
+  resident = total = 0
+  for path in paths:
+    size = os.path.getsize(path)
+    if not size:
+      continue
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+      if address in (None, ctypes.c_void_p(-1).value):
+        return None
+      try:
+        pages = -(-size // page)
+        vec = ctypes.create_string_buffer(pages)
+        if libc.mincore(address, size, vec) != 0:
+          return None
+        resident += sum(b & 1 for b in vec.raw[:pages])
+        total += pages
+      finally:
+        libc.munmap(address, size)
+    finally:
+      os.close(fd)
+  return resident / total if total else None
+
+
+def disk_read_gbps(path: str) -> float:
+  """GB/s of one cold sequential read of `path` in DISK_READ_CHUNK reads."""
+  drop_from_page_cache([path])
+  buf = bytearray(DISK_READ_CHUNK)
+  view = memoryview(buf)
+  fd = os.open(path, os.O_RDONLY)
+  total = 0
+  try:
+    start = time.perf_counter()
+    while (got := os.readv(fd, [view])) > 0:
+      total += got
+    seconds = time.perf_counter() - start
+  finally:
+    os.close(fd)
+  return total / seconds / 1e9
+
+
+def write_disk_test_file(path: str, nbytes: int) -> None:
+  rng = np.random.default_rng(0)
+  with open(path, "wb") as f:
+    left = nbytes
+    while left > 0:
+      block = rng.integers(0, 2**63, size=min(left, 64 << 20) // 8,
+                           dtype=np.int64)
+      f.write(block.tobytes())
+      left -= block.nbytes
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def min_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Least wall time of fn() over repeats: what the code costs when the
+  shared machine lets it run (the benchmark's medians are kept beside)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def timings(fn: Callable[[], Any], repeats: int, *, min_total_s: float = 1.0,
+            max_repeats: int = 50) -> dict:
+  """Least and median wall time of fn() over `repeats` calls, or more (up to
+  max_repeats) until min_total_s have passed: a cheap call is repeated until
+  the least of its times is not just the luck of the shared machine."""
+  times = []
+  while (len(times) < repeats
+         or (sum(times) < min_total_s and len(times) < max_repeats)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return {"min_s": min(times), "median_s": statistics.median(times),
+          "repeats": len(times)}
+
+
+def synthetic_embeddings(real: jax.Array, n: int, key: jax.Array) -> jax.Array:
+  """n L2-normalised draws from the Gaussian fit of real embeddings [m, d]."""
+  from ovc_jax.certifiers import mvn_ovc  # pylint: disable=g-import-not-at-top
+  fit = mvn_ovc.fit_gaussian(real)
+
+  @jax.jit
+  def draw(k):
+    z = fit.mean + jax.random.normal(k, (n, fit.factor.shape[1])) @ fit.factor.T
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+  return draw(key)
+
+
+def _rss_kb() -> dict[str, int]:
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(("VmRSS:", "VmHWM:")):
+        out[line.split(":")[0]] = int(line.split()[1])
+  return out
+
+
+def _reset_peak() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def memory_child(spec: dict) -> None:
+  """In a fresh process: the peak memory one call of a method adds."""
+  from ovc_jax import ovc  # pylint: disable=g-import-not-at-top
+  from ovc_jax import sampler  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certifiers import cached_ovc, mvn_ovc, standard  # pylint: disable=g-import-not-at-top
+  from ovc_jax.classifiers import EmbeddingClassifier  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  u = jnp.asarray(np.load(spec["class_embeddings"]))
+  key = sampler.input_key(config.seed, 0)
+  if spec["method"] == "standard":
+    backbone = load_backbone(spec["architecture"], config.dtype, config.seed)
+    x = benchmark_input(backbone)
+    classifier = EmbeddingClassifier(backbone.model.embed_images)
+    params = classifier.params(backbone.params, u)
+    smoothing = SmoothingParams(sigma=config.sigma, n0=config.n0,
+                                n=config.n, alpha=config.alpha,
+                                batch_size=config.batch_size)
+    call = lambda: standard.certify(classifier, params, x, key, smoothing)
+  elif spec["method"] == "cached":
+    draws = cached_ovc.EmbeddingDraws(
+        np.load(spec["selection"], mmap_mode="r"),
+        np.load(spec["estimation"], mmap_mode="r"))
+    call = lambda: cached_ovc.certify_cached(draws, u, sigma=config.sigma,
+                                             alpha=config.alpha)
+  else:
+    fit = mvn_ovc.GaussianFit(jnp.asarray(np.load(spec["mean"])),
+                              jnp.asarray(np.load(spec["factor"])))
+    smoothing = SmoothingParams(sigma=config.sigma, n0=config.n0,
+                                n=spec["n"], alpha=config.alpha)
+    mvn = mvn_ovc.MVNParams(delta=0.0, batch_size=config.mvn_batch_size)
+    call = lambda: mvn_ovc.certify_mvn(fit, u, key, smoothing, mvn)
+  out = {}
+  for name in ("first", "warm"):
+    reset = _reset_peak()
+    before = _rss_kb()["VmRSS"]
+    call()
+    after = _rss_kb()
+    out[name] = {"peak_added_bytes": (after["VmHWM"] - before) * 1024,
+                 "rss_before_bytes": before * 1024, "peak_reset": reset}
+  print(json.dumps(out))
+
+
+def peak_memory(specs: dict[str, dict]) -> dict[str, dict | None]:
+  """{method: the figures of memory_child} for each spec, in child processes
+  run side by side (each measures its own memory; nothing here is timed)."""
+  if not os.path.exists("/proc/self/status"):
+    return {method: None for method in specs}
+  procs = {
+      method: subprocess.Popen(
+          [sys.executable, "-m", "experiments.benchmark",
+           f"--memory_child={json.dumps(spec)}",
+           f"--config={_CONFIG_PATH}:{_CONFIG.value.variant}"]
+          + [a for a in sys.argv[1:] if a.startswith("--config.")],
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for method, spec in specs.items()}
+  out = {}
+  for method, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=3600)
+    if proc.returncode != 0:
+      raise RuntimeError(f"memory child ({method}) failed:\n{stderr[-2000:]}")
+    out[method] = json.loads(stdout.strip().splitlines()[-1])
+  return out
+
+
+def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
+                    config, workdir: str) -> dict:
+  """The n = large.n section for one architecture (see LARGE_NOTES)."""
+  from ovc_jax import caches  # pylint: disable=g-import-not-at-top
+  from ovc_jax import ovc  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certifiers import cached_ovc, mvn_ovc  # pylint: disable=g-import-not-at-top
+
+  large = config.large
+  n, n0 = int(large.n), int(config.n0)
+  d = backbone.model.config.embed_dim
+  first = contexts[str(config.class_counts[0])]
+  key = first["key"]
+  k_sel, k_est = jax.random.split(jax.random.key(config.seed + 7))
+  estimation = synthetic_embeddings(first["real_embeddings"], n, k_est)
+  selection = synthetic_embeddings(first["real_embeddings"], n0, k_sel)
+  draws = cached_ovc.EmbeddingDraws(selection, estimation)
+  fit = mvn_ovc.fit_gaussian(estimation)
+  smoothing = SmoothingParams(sigma=config.sigma, n0=n0, n=n,
+                              alpha=config.alpha, batch_size=config.batch_size)
+  prov = caches.Provenance.for_input(
+      backbone, noise_space="normalized", smoothing=smoothing, key=key,
+      image=x, dtype=config.dtype, num_classes=max(config.class_counts))
+  root = os.path.join(workdir, "caches_large", backbone.name)
+  cache_io_dirs = {k: os.path.join(root, k) for k in ("embeddings", "gaussian")}
+  caches.save_embeddings(cache_io_dirs["embeddings"], draws, prov)
+  caches.save_gaussian(cache_io_dirs["gaussian"], fit, prov)
+  files = {k: sorted(os.path.join(p, f) for f in os.listdir(p))
+           for k, p in cache_io_dirs.items()}
+  npy = {os.path.basename(f)[:-4]: f for fs in files.values() for f in fs
+         if f.endswith(".npy")}
+  in_memory = ovc.OVCCaches(None, draws, fit)
+  stored = ovc.StoredCaches(root, prov)
+  repeats = int(large.repeats)
+
+  # This machine's rates, in this run.
+  host_rows = np.asarray(estimation)
+  host_rows.sum()
+  sum_s = min_seconds(host_rows.sum, repeats)
+  u_ref = unit_rows(jax.random.key(config.seed + 3), (1000, d))
+  matmul = jax.jit(lambda e, u: jnp.dot(e, u.T,
+                                        precision=jax.lax.Precision.HIGHEST))
+  matmul(estimation, u_ref).block_until_ready()
+  matmul_s = min_seconds(lambda: matmul(estimation, u_ref), max(2, repeats // 2))
+  disk_file = os.path.join(workdir, "disk_speed_test.bin")
+  if not os.path.exists(disk_file) or os.path.getsize(disk_file) != large.disk_bytes:
+    write_disk_test_file(disk_file, int(large.disk_bytes))
+  disk_gbps = []
+  machine = {
+      "memory_gbps": host_rows.nbytes / sum_s / 1e9,
+      "matmul_gflops": 2 * n * d * 1000 / matmul_s / 1e9,
+      "matmul_shape": [n, d, 1000],
+  }
+  out = {"n": n, "n0": n0, "embed_dim": d, "machine": machine, "classes": {}}
+
+  for classes in config.class_counts:
+    ctx = contexts[str(classes)]
+    novel, params = ctx["novel"], ctx["params"]
+    params = dataclasses.replace(params, smoothing=smoothing)
+    row = {}
+
+    def novel_call(method, source):
+      return lambda: ovc.certify_novel_prompt(
+          method, ctx["classifier"], backbone.params, x, key, source, novel,
+          params)
+
+    calls = {
+        "cached_memory": novel_call("cached", in_memory),
+        "cached_disk": novel_call("cached", stored),
+        "mvn_memory": novel_call("mvn", in_memory),
+        "mvn_disk": novel_call("mvn", stored),
+    }
+    for fn in calls.values():
+      fn()  # compiles
+    for name in ("cached_memory", "mvn_memory"):
+      row[name] = timings(calls[name], repeats)
+    # Input kinds, directly through the certifier (same rows, same result).
+    numpy_draws = cached_ovc.EmbeddingDraws(np.array(selection),
+                                            np.array(estimation))
+    mapped = lambda: cached_ovc.EmbeddingDraws(
+        np.load(npy["selection"], mmap_mode="r"),
+        np.load(npy["estimation"], mmap_mode="r"))
+    kinds = {"jax": lambda: draws, "numpy": lambda: numpy_draws,
+             "memmap_warm": mapped}
+    results = {}
+    for name, make in kinds.items():
+      held = make()
+      results[name] = cached_ovc.certify_cached(held, novel,
+                                                sigma=config.sigma,
+                                                alpha=config.alpha)
+      row[f"cached_input_{name}"] = timings(
+          lambda: cached_ovc.certify_cached(
+              held, novel, sigma=config.sigma, alpha=config.alpha), repeats)
+      del held  # a memory map must go before its pages can be dropped
+    row["inputs_identical"] = all(
+        r.prediction == results["jax"].prediction
+        and np.array_equal(r.counts, results["jax"].counts)
+        for r in results.values())
+    del numpy_draws
+    # Warm disk, then cold disk (page cache dropped before each run).
+    row["cached_disk_warm"] = timings(calls["cached_disk"], repeats)
+    row["mvn_disk_warm"] = timings(calls["mvn_disk"], repeats)
+    cold = {"cached_disk_cold": [], "cached_read_path_cold": [],
+            "mvn_disk_cold": []}
+    resident = []
+    for _ in range(repeats):
+      disk_gbps.append(disk_read_gbps(disk_file))
+      drop_from_page_cache(files["embeddings"])
+      resident.append(resident_fraction(files["embeddings"]))
+      cold["cached_disk_cold"].append(min_seconds(calls["cached_disk"], 1))
+      drop_from_page_cache(files["embeddings"])
+      source = mapped()
+      cold["cached_read_path_cold"].append(min_seconds(
+          lambda: cached_ovc.certify_cached(source, novel, sigma=config.sigma,
+                                            alpha=config.alpha), 1))
+      del source
+      drop_from_page_cache(files["gaussian"])
+      cold["mvn_disk_cold"].append(min_seconds(calls["mvn_disk"], 1))
+    for name, times in cold.items():
+      row[name] = {"min_s": min(times), "median_s": statistics.median(times)}
+    fractions = [r for r in resident if r is not None]
+    row["resident_before_cold"] = max(fractions) if fractions else None
+
+    # Standard RS at n0 + large.n: measured, or scaled from two n, each the
+    # least of large.standard_repeats runs, interleaved.
+    main = entry["classes"][str(classes)]
+    second_n = standard_second_n(config, entry.get("encoder_images_per_s"))
+    if config.n >= n:
+      row["standard_s"] = main["standard_rs_s"]
+      row["standard_scaled"] = False
+    else:
+      at = {m: dataclasses.replace(ctx["params"],
+                                   smoothing=ctx["params"].smoothing.replace(n=m))
+            for m in ((second_n,) if second_n >= n else (config.n, second_n))}
+      std_calls = {m: (lambda p=p: ovc.certify_novel_prompt(
+          "standard", ctx["classifier"], backbone.params, x, key,
+          ctx["source"], novel, p)) for m, p in at.items()}
+      for fn in std_calls.values():
+        fn()  # compiles
+      std_times = {m: [] for m in std_calls}
+      for _ in range(int(large.standard_repeats)):
+        for m, fn in std_calls.items():
+          std_times[m].append(min_seconds(fn, 1))
+      std_min = {m: min(t) for m, t in std_times.items()}
+      row["standard_times"] = {str(m): t for m, t in std_times.items()}
+    if config.n >= n:
+      pass
+    elif second_n >= n:
+      row["standard_s"] = std_min[second_n]
+      row["standard_scaled"] = False
+    else:
+      n_a, t_a = n0 + config.n, std_min[config.n]
+      n_b, t_b = n0 + second_n, std_min[second_n]
+      per_sample = (t_b - t_a) / (n_b - n_a)
+      fixed = t_a - per_sample * n_a
+      if per_sample <= 0:  # noise swamped the difference: per sample at n_b
+        per_sample, fixed = t_b / n_b, 0.0
+      row["standard_fit"] = {"points": [[n_a, t_a], [n_b, t_b]],
+                             "per_sample_s": per_sample, "fixed_s": fixed}
+    # A cross-check the fit can be read against: the encoder's own rate.
+    if entry.get("encoder_images_per_s"):
+      row["standard_s_from_encoder_rate"] = (
+          (n0 + n) / entry["encoder_images_per_s"] * main["sampler_overhead"])
+      row["standard_s"] = fixed + per_sample * (n0 + n)
+      row["standard_scaled"] = True
+    std = row["standard_s"]
+    for name in ("cached_memory", "cached_disk_warm", "cached_disk_cold",
+                 "mvn_memory", "mvn_disk_warm", "mvn_disk_cold"):
+      row[f"speedup_{name}"] = std / row[name]["min_s"]
+    row["mvn_over_cached_memory"] = (row["mvn_memory"]["min_s"]
+                                     / row["cached_memory"]["min_s"])
+
+    # Roofline: what each call reads and computes.
+    p = 1
+    cache_bytes = (n0 + n) * d * 4
+    blocks = (-(-n0 // mvn_ovc.LATENT_BLOCK) - -(-n // mvn_ovc.LATENT_BLOCK))
+    latent_samples = (-(-n0 // mvn_ovc.LATENT_BLOCK)
+                      + -(-n // mvn_ovc.LATENT_BLOCK)) * mvn_ovc.LATENT_BLOCK
+    del blocks
+    rank = min(classes, int(fit.factor.shape[1]))
+    row["roofline"] = {
+        "cached": {"bytes": cache_bytes + classes * d * 4,
+                   "flops": 2 * (n0 + n) * d * classes * p},
+        "mvn": {"bytes": (d * d + d + classes * d) * 4,
+                "flops": 2 * latent_samples * rank * classes * p
+                         + 2 * classes * d * d,
+                "latent_normals": latent_samples * rank},
+        "standard": {"flops": (entry.get("flops_per_image") or 0) * (n0 + n)},
+    }
+    if large.memory and classes == max(config.class_counts):
+      # At the largest class count only (at C = 10 the figures are the
+      # cache's pages and compilation).
+      u_path = os.path.join(root, f"class_embeddings_{classes}.npy")
+      np.save(u_path, np.asarray(novel))
+      specs = {
+          "cached": {"method": "cached", "class_embeddings": u_path,
+                     "selection": npy["selection"],
+                     "estimation": npy["estimation"]},
+          "mvn": {"method": "mvn", "class_embeddings": u_path,
+                  "mean": npy["mean"], "factor": npy["factor"], "n": n},
+          # Standard RS's memory does not grow with n (counts only): at
+          # n = config.n.
+          "standard": {"method": "standard", "class_embeddings": u_path,
+                       "architecture": backbone.name},
+      }
+      row["peak_memory"] = peak_memory(
+          {method: specs[method] for method in large.memory_methods})
+    out["classes"][str(classes)] = row
+  machine["disk_gbps"] = statistics.median(disk_gbps)
+  machine["disk_gbps_all"] = disk_gbps
+  machine["disk_file_bytes"] = int(large.disk_bytes)
+  for classes, row in out["classes"].items():
+    rf = row["roofline"]
+    cached_s = row["cached_memory"]["min_s"]
+    rf["cached"].update(seconds=cached_s, gbps=rf["cached"]["bytes"] / cached_s / 1e9,
+                        gflops=rf["cached"]["flops"] / cached_s / 1e9)
+    cold_s = row["cached_read_path_cold"]["min_s"]
+    rf["cached_cold"] = {"bytes": rf["cached"]["bytes"],
+                         "flops": rf["cached"]["flops"], "seconds": cold_s,
+                         "gbps": rf["cached"]["bytes"] / cold_s / 1e9,
+                         "gflops": rf["cached"]["flops"] / cold_s / 1e9}
+    mvn_s = row["mvn_memory"]["min_s"]
+    rf["mvn"].update(seconds=mvn_s, gbps=rf["mvn"]["bytes"] / mvn_s / 1e9,
+                     gflops=rf["mvn"]["flops"] / mvn_s / 1e9)
+    rf["standard"].update(seconds=row["standard_s"],
+                          gflops=rf["standard"]["flops"] / row["standard_s"] / 1e9)
+    rf["fractions"] = {
+        "cached_memory_of_memory_bw": rf["cached"]["gbps"] / machine["memory_gbps"],
+        "cached_cold_of_disk": rf["cached_cold"]["gbps"] / machine["disk_gbps"],
+        "cached_of_matmul": rf["cached"]["gflops"] / machine["matmul_gflops"],
+        "mvn_of_matmul": rf["mvn"]["gflops"] / machine["matmul_gflops"],
+    }
+  os.remove(disk_file)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(root, ignore_errors=True)
+  return out
+
+
 TARGETS = (
     # (field, architecture, classes, comparison, value)
     ("speedup_cached", "ViT-B-32", 1000, ">=", 1000.0),
@@ -280,8 +794,47 @@ TARGETS = (
 )
 
 
+LARGE_TARGETS = (
+    # (label, architecture, classes, value(row) -> float, comparison, bound)
+    ("MVN-OVC / Cached-OVC time, in memory", "ViT-B-32", 10,
+     lambda r: r["mvn_over_cached_memory"], "<=", 0.5),
+    ("MVN-OVC / Cached-OVC time, in memory", "ViT-B-32", 1000,
+     lambda r: r["mvn_over_cached_memory"], "<=", 0.5),
+    ("Cached-OVC in memory, fraction of the numpy sum-read bandwidth",
+     "ViT-B-32", 10,
+     lambda r: r["roofline"]["fractions"]["cached_memory_of_memory_bw"],
+     ">=", 0.7),
+    ("Cached-OVC read path from a cold cache, fraction of the disk's "
+     "sequential read speed", "ViT-B-32", 10,
+     lambda r: r["roofline"]["fractions"]["cached_cold_of_disk"], ">=", 0.7),
+    ("Cached-OVC in memory, fraction of the matmul's FLOP rate", "ViT-B-32",
+     1000, lambda r: r["roofline"]["fractions"]["cached_of_matmul"], ">=", 0.5),
+    ("numpy input / jax input time (Cached-OVC)", "ViT-B-32", 10,
+     lambda r: r["cached_input_numpy"]["min_s"] / r["cached_input_jax"]["min_s"],
+     "<=", 1.2),
+    ("warm memory map / jax input time (Cached-OVC)", "ViT-B-32", 10,
+     lambda r: (r["cached_input_memmap_warm"]["min_s"]
+                / r["cached_input_jax"]["min_s"]), "<=", 1.2),
+    ("speedup of Cached-OVC (in memory) at n = 100,000", "ViT-B-32", 1000,
+     lambda r: r["speedup_cached_memory"], ">=", 5000.0),
+    ("speedup of MVN-OVC / speedup of Cached-OVC (in memory)", "ViT-B-32",
+     1000, lambda r: r["speedup_mvn_memory"] / r["speedup_cached_memory"],
+     ">=", 2.0),
+)
+
+
 def check_targets(report: dict) -> list[dict]:
   checks = []
+  for label, arch, classes, value, op, bound in LARGE_TARGETS:
+    row = report.get("large", {}).get(arch, {}).get("classes", {}).get(
+        str(classes))
+    if row is None:
+      continue
+    got = float(value(row))
+    met = got >= bound if op == ">=" else got <= bound
+    checks.append({"target": f"{label} {op} {bound:g} ({arch}, {classes} "
+                             f"classes, n = {report['large_n']:,})",
+                   "measured": got, "met": bool(met)})
   for field, arch, classes, op, value in TARGETS:
     entry = report["architectures"].get(arch, {}).get("classes", {}).get(str(classes))
     if entry is None or entry.get(field) is None:
@@ -325,10 +878,124 @@ def print_table(report: dict, stream=sys.stdout) -> None:
       + (f", first result {entry['compile_s_cold']:.1f} s cold / "
          f"{entry['compile_s_warm']:.1f} s warm" if entry.get("compile_s_cold") else "")
       + f"; weights: {entry['weights']}\n")
+  if report.get("large"):
+    print_large(report, stream)
   w("\ntargets:\n")
   for check in report["targets"]:
     w(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: "
       f"measured {check['measured']:.4g}\n")
+
+
+def print_large(report: dict, stream=sys.stdout) -> None:
+  """The n = large.n section's tables."""
+  w = stream.write
+  n = report["large_n"]
+  scaled_rows = [(arch, row) for arch, entry in report["large"].items()
+                 for row in entry["classes"].values()
+                 if row.get("standard_scaled")]
+  scaled = bool(scaled_rows)
+  w(f"\nn = {n:,} section (n0 = {report['n0']}): seconds per input for a new "
+    "prompt, least of repeats (medians in benchmark.json), compilation "
+    "excluded.\n")
+  for arch in dict(scaled_rows):
+    pts = dict(scaled_rows)[arch]["standard_fit"]["points"]
+    w(f"{arch}: standard RS is SCALED, not measured: t = a + b (n0 + n) "
+      f"fitted through n0 + n = {pts[0][0]} and {pts[1][0]}, evaluated at "
+      f"n0 + n = {report['n0'] + n:,}.\n")
+  for arch in report["large"]:
+    if arch not in dict(scaled_rows):
+      w(f"{arch}: standard RS measured at n = {n:,}.\n")
+  w("Cached-OVC / MVN-OVC caches: n = " f"{n:,} Gaussian-fit draws of the "
+    "architecture's real noisy embeddings (time depends on n, d, C only). "
+    "MVN-OVC is approximate, not a certificate.\n")
+  cols = (("standard RS" + (" (scaled*)" if scaled else ""), lambda r: r["standard_s"], ".4g"),
+          ("(encoder-rate est.)", lambda r: r.get("standard_s_from_encoder_rate"), ".4g"),
+          ("Cached mem", lambda r: r["cached_memory"]["min_s"], ".4g"),
+          ("Cached warm", lambda r: r["cached_disk_warm"]["min_s"], ".4g"),
+          ("Cached cold", lambda r: r["cached_disk_cold"]["min_s"], ".4g"),
+          ("MVN mem", lambda r: r["mvn_memory"]["min_s"], ".4g"),
+          ("MVN warm", lambda r: r["mvn_disk_warm"]["min_s"], ".4g"),
+          ("MVN cold", lambda r: r["mvn_disk_cold"]["min_s"], ".4g"),
+          ("x Cached mem", lambda r: r["speedup_cached_memory"], ".4g"),
+          ("x Cached cold", lambda r: r["speedup_cached_disk_cold"], ".4g"),
+          ("x MVN mem", lambda r: r["speedup_mvn_memory"], ".4g"),
+          ("MVN/Cached", lambda r: r["mvn_over_cached_memory"], ".3f"))
+
+  def table(columns, rows):
+    w(f"{'architecture':12} {'C':>5} " + " ".join(f"{c[0]:>20}" for c in columns) + "\n")
+    for arch, classes, row in rows:
+      cells = []
+      for _, get, fmt in columns:
+        try:
+          value = get(row)
+        except (KeyError, TypeError):
+          value = None
+        cells.append(f"{'-' if value is None else format(value, fmt):>20}")
+      w(f"{arch:12} {classes:>5} " + " ".join(cells) + "\n")
+
+  rows = [(arch, classes, row) for arch, entry in report["large"].items()
+          for classes, row in entry["classes"].items()]
+  table(cols, rows)
+  w("\n(warm/cold: through ovc.StoredCaches, whose CRC-32 check reads every "
+    "byte; 'x': speedup over standard RS; encoder-rate est.: (n0 + n) / "
+    "encoder img/s x sampler overhead at n, a cross-check of the fit, not "
+    "used)\n")
+  w("\nCached-OVC by input kind (certify_cached, seconds, least of repeats):\n")
+  table((("jax array", lambda r: r["cached_input_jax"]["min_s"], ".4g"),
+         ("numpy array", lambda r: r["cached_input_numpy"]["min_s"], ".4g"),
+         ("memmap warm", lambda r: r["cached_input_memmap_warm"]["min_s"], ".4g"),
+         ("memmap cold", lambda r: r["cached_read_path_cold"]["min_s"], ".4g"),
+         ("same counts", lambda r: str(r["inputs_identical"]), ""),
+         ("resident@cold", lambda r: r["resident_before_cold"], ".3f")), rows)
+  w("\nroofline (this machine, this run):\n")
+  for arch, entry in report["large"].items():
+    m = entry["machine"]
+    w(f"  {arch} (d = {entry['embed_dim']}): memory {m['memory_gbps']:.2f} GB/s "
+      f"(numpy sum-read of the {(entry['n']) * entry['embed_dim'] * 4 / 1e6:.0f} "
+      f"MB cache), disk {m['disk_gbps']:.2f} GB/s (sequential read, cold, "
+      f"{m['disk_file_bytes'] >> 20} MiB file, median of "
+      f"{len(m['disk_gbps_all'])}: "
+      + ", ".join(f"{v:.2f}" for v in m["disk_gbps_all"])
+      + f"), matmul {m['matmul_gflops']:.1f} GFLOP/s (XLA "
+      f"[{m['matmul_shape'][0]}, {m['matmul_shape'][1]}] x "
+      f"[{m['matmul_shape'][1]}, {m['matmul_shape'][2]}])\n")
+  w(f"{'architecture':12} {'C':>5} {'method':>22} {'MB read':>10} {'GFLOP':>9} "
+    f"{'seconds':>10} {'GB/s':>8} {'GFLOP/s':>9} {'of mem bw':>10} "
+    f"{'of disk':>8} {'of matmul':>10}\n")
+  for arch, classes, row in rows:
+    rf = row["roofline"]
+    m = report["large"][arch]["machine"]
+    for name, label in (("cached", "Cached-OVC memory"),
+                        ("cached_cold", "Cached-OVC cold disk"),
+                        ("mvn", "MVN-OVC memory"),
+                        ("standard", "standard RS" + (" (scaled)" if row.get("standard_scaled") else ""))):
+      r = rf[name]
+      gbps = r.get("gbps")
+      num = lambda v, width, fmt: (f"{'-':>{width}}" if v is None
+                                   else f"{v:{width}{fmt}}")
+      w(f"{arch:12} {classes:>5} {label:>22} "
+        + num(r["bytes"] / 1e6 if "bytes" in r else None, 10, ".1f") + " "
+        + num(r["flops"] / 1e9, 9, ".1f") + " "
+        + num(r["seconds"], 10, ".4g") + " " + num(gbps, 8, ".2f") + " "
+        + num(r["gflops"], 9, ".1f") + " "
+        + num(gbps / m["memory_gbps"] if gbps else None, 10, ".2f") + " "
+        + num(gbps / m["disk_gbps"] if gbps else None, 8, ".2f") + " "
+        + num(r["gflops"] / m["matmul_gflops"], 10, ".2f") + "\n")
+  w("(MVN-OVC also draws "
+    + ", ".join(f"{arch} C={classes}: {row['roofline']['mvn']['latent_normals'] / 1e6:.1f}M"
+                for arch, classes, row in rows)
+    + " latent normals)\n")
+  if any(row.get("peak_memory") for _, _, row in rows):
+    w("\npeak memory, MB (fresh child process per method; first call incl. "
+      "compilation and mapped cache pages / a second call):\n")
+
+    def mb(row, method, which):
+      entry = (row.get("peak_memory") or {}).get(method)
+      return None if not entry else entry[which]["peak_added_bytes"] / 1e6
+
+    table(tuple((f"{meth} {which}", (lambda r, m=meth, k=which: mb(r, m, k)), ".1f")
+                for meth in ("cached", "mvn", "standard")
+                for which in ("first", "warm")), rows)
 
 
 def draw_speedups(report: dict, out: str) -> None:
@@ -368,6 +1035,9 @@ def main(argv) -> None:
   if _CHILD.value:
     compile_child(_CHILD.value, _CACHE_DIR.value)
     return
+  if _MEMORY_CHILD.value:
+    memory_child(json.loads(_MEMORY_CHILD.value))
+    return
   config = _CONFIG.value
   validate(config)
   workdir = _WORKDIR.value
@@ -388,6 +1058,30 @@ def validate(config) -> None:
         raise common.ConfigError(f"{e}; set --config.architectures") from e
   common.check_number_list(config.class_counts, "class_counts", minimum=2,
                            allow_minimum=True, integer=True)
+  large = config.large
+  if large.enabled:
+    for field in ("n", "standard_n", "repeats", "standard_repeats",
+                  "disk_bytes"):
+      value = large[field]
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise common.ConfigError(f"--config.large.{field} must be an integer "
+                                 f">= 1; got {value!r}")
+    if (not isinstance(large.standard_seconds, (int, float))
+        or large.standard_seconds < 0):
+      raise common.ConfigError("--config.large.standard_seconds must be a "
+                               f"number >= 0; got {large.standard_seconds!r}")
+    if config.n < large.n and large.standard_n <= config.n:
+      raise common.ConfigError(
+          f"--config.large.standard_n ({large.standard_n}) must exceed "
+          f"--config.n ({config.n}): standard RS's per-sample cost is fitted "
+          "through the two")
+    large.memory_methods = common.check_name_list(
+        large.memory_methods, "large.memory_methods",
+        ("cached", "mvn", "standard"))
+    large.architectures = (
+        common.check_name_list(large.architectures, "large.architectures",
+                               config.architectures)
+        if large.architectures else tuple(config.architectures))
 
 
 def run(config, workdir: str) -> None:
@@ -410,7 +1104,11 @@ def run(config, workdir: str) -> None:
       },
       "architectures": {},
   }
-  steps = len(config.architectures) * (len(config.class_counts) + 1)
+  if config.large.enabled:
+    report["large_notes"] = dict(LARGE_NOTES)
+    report["large_n"] = int(config.large.n)
+  steps = (len(config.architectures) * (len(config.class_counts) + 1)
+           + (len(config.large.architectures) if config.large.enabled else 0))
   progress = common.Progress(steps, "steps")
   for name in config.architectures:
     backbone = load_backbone(name, config.dtype, config.seed)
@@ -425,8 +1123,9 @@ def run(config, workdir: str) -> None:
       entry.update(compile_times(name, workdir))
     progress.update(note=f"{name}: encoder and compile times")
     entry["classes"] = {}
+    contexts = {}
     for classes in config.class_counts:
-      row = benchmark_class_count(
+      row, contexts[str(classes)] = benchmark_class_count(
           backbone, x, classes, config,
           os.path.join(workdir, "caches", name, str(classes)))
       row["sampler_overhead"] = row["standard_rs_s"] / (
@@ -435,6 +1134,12 @@ def run(config, workdir: str) -> None:
       progress.update(note=f"{name}: {classes} classes")
     report["architectures"][name] = entry
     common.write_json(os.path.join(workdir, "benchmark.json"), report)
+    if config.large.enabled and name in config.large.architectures:
+      report.setdefault("large", {})[name] = benchmark_large(
+          backbone, x, entry, contexts, config, workdir)
+      progress.update(note=f"{name}: n = {config.large.n} section")
+      common.write_json(os.path.join(workdir, "benchmark.json"), report)
+    del contexts
   report["targets"] = check_targets(report)
   common.write_json(os.path.join(workdir, "benchmark.json"), report)
   draw_speedups(report, os.path.join(workdir, "speedup.png"))

@@ -274,3 +274,149 @@ def test_refuses_arrays_that_do_not_fit_the_draws(saved_cache, tmp_path):
                     recompute_checksum=True)
   with pytest.raises(CacheError, match="1000 draws"):
     caches.load_embeddings(target, provenance(n=1000))
+
+
+# How the cache is read: every kind of input, chunking and read path gives
+# the same counts, and those are standard RS's at realistic sizes too.
+
+
+def _reference_counts(embeddings, prompts):
+  """The histogram of predict_from_embeddings on chunks of 1000 rows (the
+  way standard RS batches them), in numpy."""
+  from ovc_jax.classifiers import predict_from_embeddings
+  e = np.asarray(embeddings)
+  preds = np.concatenate([np.asarray(predict_from_embeddings(
+      jnp.asarray(e[i:i + 1000]), prompts)) for i in range(0, len(e), 1000)])
+  c = prompts.shape[-2]
+  return np.stack([np.bincount(p[p >= 0], minlength=c)
+                   for p in preds.reshape(len(e), -1).T])
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's rule")
+@pytest.mark.parametrize("d, c", [(E, C), (512, 1000), (1024, 10)])
+def test_row_bits_do_not_depend_on_the_chunk(d, c):
+  """The rule Cached-OVC's chunking rests on: XLA on CPU gives a row of
+  E U^T the same bits in every chunk of >= MIN_CHUNK_ROWS rows, wherever the
+  row sits in it."""
+  from ovc_jax.classifiers import prompt_logits
+  rng = np.random.default_rng(d + c)
+  e = rng.normal(size=(2100, d)).astype(np.float32)
+  u = jnp.asarray(rng.normal(size=(c, d)), jnp.float32)
+  logits = jax.jit(prompt_logits)
+  reference = np.asarray(logits(jnp.asarray(e[:2048]), u))
+  for rows in (cached_ovc.MIN_CHUNK_ROWS, 13, 100, 1000, 2048):
+    got = np.concatenate([np.asarray(logits(jnp.asarray(e[i:i + rows]), u))
+                          for i in range(0, 2048, rows)])[:2048]
+    np.testing.assert_array_equal(got, reference, err_msg=f"{rows} rows")
+
+
+@pytest.mark.parametrize("m, logits, batch", [
+    (1, 10, None), (7, 10, None), (100, 10, None), (100_000, 10, None),
+    (100_000, 1000, None), (100_000, 1000, 10_000), (100_000, 10, 10_000),
+    (100_001, 1000, None), (50, 10, 3), (1500, 6, 128)])
+def test_chunk_rows(m, logits, batch):
+  rows = cached_ovc.chunk_rows(m, logits, batch)
+  assert 1 <= rows <= m
+  if m >= cached_ovc.MIN_CHUNK_ROWS:
+    assert rows >= cached_ovc.MIN_CHUNK_ROWS
+  if rows < m:
+    assert rows % cached_ovc.MIN_CHUNK_ROWS == 0
+    assert rows * 4 * logits <= 2 * cached_ovc.LOGITS_BYTES
+    if batch is not None:
+      assert rows < max(batch, cached_ovc.MIN_CHUNK_ROWS) + cached_ovc.MIN_CHUNK_ROWS
+    # equal chunks: the last one is short by less than one rounding step each
+    chunks = -(-m // rows)
+    assert chunks * rows - m < cached_ovc.MIN_CHUNK_ROWS * chunks
+
+
+def test_every_input_kind_and_batch_size_counts_the_same(tmp_path):
+  rng = np.random.default_rng(7)
+  e = rng.normal(size=(5003, 64)).astype(np.float32)
+  e[[3, 4000]] = np.nan  # no class: counted for none
+  prompts = jnp.asarray(rng.normal(size=(2, C, 64)), jnp.float32)
+  reference = _reference_counts(e, prompts)
+  np.save(tmp_path / "e.npy", e)
+  buffer = np.empty(e.size + 1, np.float32)
+  misaligned = buffer[1:].reshape(e.shape)  # 4 bytes off: cannot be aliased
+  misaligned[:] = e
+  kinds = {"jax": jnp.asarray(e), "numpy": np.array(e),
+           "misaligned": misaligned,
+           "strided": np.asfortranarray(e),
+           "memmap": np.load(tmp_path / "e.npy", mmap_mode="r")}
+  assert isinstance(kinds["memmap"], np.memmap)
+  for name, rows in kinds.items():
+    for batch in (None, 1, 8, 37, 1000, 10_000):
+      got = cached_ovc.count_predictions(rows, prompts, batch_size=batch)
+      np.testing.assert_array_equal(got, reference, err_msg=f"{name} {batch}")
+  np.testing.assert_array_equal(
+      cached_ovc.count_predictions(e, prompts[0]), reference[0])
+
+
+def test_a_cold_memory_mapped_cache_counts_the_same(tmp_path):
+  """A file larger than a read chunk: read ahead chunk by chunk (after its
+  pages are dropped from the page cache where the system allows)."""
+  import gc
+  rng = np.random.default_rng(8)
+  rows = 3 * cached_ovc.READ_BYTES // (128 * 4) + 5
+  e = rng.normal(size=(rows, 128)).astype(np.float32)
+  path = str(tmp_path / "big.npy")
+  np.save(path, e)
+  prompts = jnp.asarray(rng.normal(size=(3, 40, 128)), jnp.float32)
+  reference = _reference_counts(e, prompts)
+  del e
+  gc.collect()
+  if hasattr(os, "posix_fadvise"):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+  mapped = np.load(path, mmap_mode="r")
+  np.testing.assert_array_equal(
+      cached_ovc.count_predictions(mapped, prompts), reference)
+  # A slice of the map (how the sequential certifier reads its blocks).
+  np.testing.assert_array_equal(
+      cached_ovc.count_predictions(mapped[1000:5000], prompts),
+      _reference_counts(np.asarray(mapped[1000:5000]), prompts))
+
+
+def test_device_path_counts_the_same():
+  """Arrays the host cannot read in place (here: traced) are counted by a
+  scan on the device, with the same result."""
+  rng = np.random.default_rng(9)
+  e = jnp.asarray(rng.normal(size=(3001, 16)), jnp.float32)
+  prompts = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+  reference = _reference_counts(e, prompts)
+  for batch in (None, 100, 1000):
+    traced = jax.jit(lambda x, u, b=batch: cached_ovc.count_predictions(
+        x, u, batch_size=b))(e, prompts)
+    np.testing.assert_array_equal(traced, reference)
+
+
+def test_bit_for_bit_at_clip_sizes():
+  """d = 512 and C = 1000 (ViT-B/32 on ImageNet): standard RS's chunks of
+  256 rows against Cached-OVC's own chunks, from memory and from disk."""
+  d, c = 512, 1000
+  rng = np.random.default_rng(10)
+  encoder = {"w1": jnp.asarray(rng.normal(size=(D, H)) / 2, jnp.float32),
+             "b1": jnp.asarray(rng.normal(size=H) * 0.1, jnp.float32),
+             "w2": jnp.asarray(rng.normal(size=(H, d)), jnp.float32)}
+  prompts = rng.normal(size=(2, c, d))
+  prompts = jnp.asarray(prompts / np.linalg.norm(prompts, axis=-1,
+                                                 keepdims=True), jnp.float32)
+  x, key, sigma = make_input(5), jax.random.key(5), 0.5
+  s = SmoothingParams(sigma=sigma, n0=64, n=3000, alpha=0.001, batch_size=256)
+  draws = sampler.sample_certification_draws(
+      CLASSIFIER, CLASSIFIER.params(encoder, prompts[0]), x, key, sigma=sigma,
+      num_classes=c, n0=s.n0, n=s.n, batch_size=s.batch_size,
+      outputs=("embeddings",))
+  cache = cached_ovc.embeddings_from_draws(draws)
+  reference = standard.certify(
+      CLASSIFIER, CLASSIFIER.params(encoder, prompts[1]), x, key, s,
+      num_classes=c)
+  assert len(np.unique(np.nonzero(reference.counts)[0])) > 1
+  host = cached_ovc.EmbeddingDraws(np.asarray(cache.selection),
+                                   np.asarray(cache.estimation))
+  for draws_ in (cache, host):
+    for batch in (None, 1000):
+      assert_identical(cached_ovc.certify_cached(
+          draws_, prompts[1], sigma=sigma, batch_size=batch), reference)

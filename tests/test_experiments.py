@@ -212,8 +212,7 @@ def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
 def test_benchmark_writes_every_field(tmp_path):
   workdir = str(tmp_path / "bench")
   proc = run("experiments.benchmark", f"--workdir={workdir}",
-             "--config.architectures=('toy',)", "--config.n=200",
-             "--config.repeats=1", "--config.encoder_repeats=1")
+             "--config=experiments/configs/benchmark.py:ci")
   with open(os.path.join(workdir, "benchmark.json")) as f:
     report = json.load(f)
   for field in ("device", "jax_version", "n", "batch_size"):
@@ -232,3 +231,31 @@ def test_benchmark_writes_every_field(tmp_path):
     assert row["cached_identical_to_standard"]
   assert "speedup_cached" in proc.stdout
   assert os.path.getsize(os.path.join(workdir, "speedup.png")) > 10_000
+  # The large-n section: both certifiers at large.n, standard RS scaled (and
+  # said to be), a roofline against rates measured in the run, peak memory.
+  large = report["large"]["toy"]
+  assert large["n"] == report["large_n"] == 5000
+  for rate in ("memory_gbps", "disk_gbps", "matmul_gflops"):
+    assert large["machine"][rate] > 0, rate
+  for classes in ("10", "1000"):
+    row = large["classes"][classes]
+    for field in ("cached_memory", "cached_disk_warm", "cached_disk_cold",
+                  "cached_read_path_cold", "mvn_memory", "mvn_disk_warm",
+                  "mvn_disk_cold", "cached_input_jax", "cached_input_numpy",
+                  "cached_input_memmap_warm"):
+      assert 0 < row[field]["min_s"] <= row[field]["median_s"], field
+    assert row["inputs_identical"]
+    assert row["standard_scaled"] and row["standard_s"] > 0
+    assert [p[0] for p in row["standard_fit"]["points"]] == [300, 500]
+    assert row["standard_s_from_encoder_rate"] > 0
+    assert row["speedup_cached_memory"] > 1
+    assert row["resident_before_cold"] in (None, 0.0) or (
+        row["resident_before_cold"] < 0.05)
+    for method in ("cached", "cached_cold", "mvn", "standard"):
+      assert row["roofline"][method]["gflops"] > 0, method
+  memory = large["classes"]["1000"]["peak_memory"]
+  for method in ("cached", "mvn"):  # the ci variant leaves standard RS out
+    assert memory[method]["first"]["peak_added_bytes"] > 0, method
+  for text in ("n = 5,000 section", "SCALED", "roofline", "peak memory",
+               "approximate"):
+    assert text in proc.stdout, text

@@ -4,21 +4,40 @@ Fit a Gaussian N(mu, Sigma) to an input's noisy embeddings once per sigma and
 keep only mu [d] and a factor F of Sigma = F F^T. Logits are linear in the
 embedding, so for a new prompt with class matrix U they are approximately
 
-    l ~ N(U mu, U Sigma U^T) = U mu + (U F) g,   g ~ N(0, I).
+    l ~ N(U mu, U Sigma U^T) = U mu + B h,   h ~ N(0, I_r),
 
-Draw n0 + n such logit vectors through the keyed sampler (g is its "noise"),
-count the argmax and finish CERTIFY with pA_lower lowered by a margin delta:
+with B a C x r factor of U Sigma U^T, r = min(C, rank of F): B = (U F) when
+C >= d, else the transposed R of a QR of (U F)^T, so that B B^T = (U F)(U F)^T
+with C normals per sample instead of d. Draw n0 + n such logit vectors, count
+the argmax and finish CERTIFY with pA_lower lowered by a margin delta:
 R = sigma * PhiInv(pA_lower - delta). The embeddings are not Gaussian in
 general (they are L2-normalised outputs of a deep network), so the result can
 exceed the exact radius: it is an estimate, and every output says so. With a
 linear encoder the embeddings are exactly Gaussian and MVN-OVC agrees with
 Cached-OVC within sampling error (tests/test_mvn_ovc.py).
+
+The latent draws are keyed like the sampler's noise, per fixed-size block
+rather than per sample: block b (samples b * LATENT_BLOCK ...) of a stream is
+a pure function of `fold_in(stream key, b)` and r, so the draws are the same
+for every batch size and can be regenerated block by block. The streams are
+the input's "gaussian" stream, split like CERTIFY's: selection draws from
+`stream_key(gaussian key, "selection")`, estimation draws from
+`stream_key(gaussian key, "estimation")`, disjoint from each other and from
+all image noise. A block's bits are Threefry-2x32 (JAX's own generator) of
+its key on the counters 0 .. LATENT_BLOCK * r - 1 (`jax.extend.random.
+threefry_2x32`, fused here into the sampling program), and each 32-bit word
+becomes one normal by the inverse CDF, sqrt(2) erfinv(2u - 1), u uniform on
+the 2^24 midpoints (k + 1/2) / 2^24 (Giles' single-precision erfinv, relative
+error < 4e-7; |h| is at most 5.42, the tail beyond has probability 6e-8). The cost per sample grows
+with r = min(C, d), not with d.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +46,17 @@ import numpy as np
 from ovc_jax import certificates
 from ovc_jax import sampler
 from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
-from ovc_jax.classifiers import argmax_or_no_class, check_class_embeddings
+from ovc_jax.classifiers import NO_CLASS, check_class_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
 APPROXIMATE_NOTE = "MVN-OVC: approximate, not a certificate"
 DEFAULT_DELTA = 0.025
+# Latent samples per key (see the module doc): the unit the draws are keyed
+# by, independent of the batch size.
+LATENT_BLOCK = 1024
+# A step's logits ([rows, P * C] float32) are kept to about this many bytes,
+# so that they stay in cache while their argmax is taken (as in Cached-OVC).
+LOGITS_BYTES = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +65,13 @@ class MVNParams:
 
   Attributes:
     delta: margin subtracted from pA_lower before the radius.
-    batch_size: latent samples evaluated at once.
+    batch_size: latent samples evaluated at once, at most (memory, not
+      semantics: the draws are keyed per block of LATENT_BLOCK samples, so
+      the counts are the same for every batch size).
   """
 
   delta: float = DEFAULT_DELTA
-  batch_size: int = 10_000
+  batch_size: int = 100_000
 
   def __post_init__(self):
     check_margin(self.delta)
@@ -87,30 +114,193 @@ def fit_gaussian(embeddings: jax.Array) -> GaussianFit:
   return _fit(embeddings)
 
 
-@dataclasses.dataclass(frozen=True)
-class GaussianLogitClassifier:
-  """argmax of logits U mu + (U F) g for latent standard-normal inputs g [B, r].
+# Threefry-2x32 with 20 rounds, as in jax.extend.random.threefry_2x32 (and
+# Salmon et al. 2011); written out so that XLA fuses it with what follows.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
-  The sampler's base classifier for MVN-OVC: the sampler adds keyed N(0, 1)
-  noise to a zero latent, and this maps it to the prompt's logits.
-  Params: {"mean_logits": [C] or [P, C], "factor_logits": [C, r] or [P, C, r]}.
+
+def _rotl(x, r):
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(k0, k1, x0, x1):
+  k2 = k0 ^ k1 ^ np.uint32(0x1BD11BDA)
+  keys = (k0, k1, k2)
+  x0, x1 = x0 + k0, x1 + k1
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + keys[(i + 1) % 3]
+    x1 = x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def _block_bits(key_data, count):
+  """threefry_2x32(key, iota(count)) for one key pair: uint32 [count]."""
+  half = count // 2  # count is even (LATENT_BLOCK is)
+  lo = jax.lax.iota(jnp.uint32, half)
+  y0, y1 = _threefry2x32(key_data[0], key_data[1], lo, lo + np.uint32(half))
+  return jnp.concatenate([y0, y1])
+
+
+# Giles (2010), "Approximating the erfinv function", single precision.
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06,
+                   -4.39150654e-06, 0.00021858087, -0.00125372503,
+                   -0.00417768164, 0.246640727, 1.50140941)
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322,
+                -0.00367342844, 0.00573950773, -0.0076224613,
+                0.00943887047, 1.00167406, 2.83297682)
+
+
+def _erfinv(x):
+  w = -jnp.log((1.0 - x) * (1.0 + x))
+  central, tail = w - 2.5, jnp.sqrt(w) - 3.0
+  p = jnp.float32(_ERFINV_CENTRAL[0])
+  q = jnp.float32(_ERFINV_TAIL[0])
+  for a, b in zip(_ERFINV_CENTRAL[1:], _ERFINV_TAIL[1:]):
+    p = p * central + np.float32(a)
+    q = q * tail + np.float32(b)
+  return jnp.where(w < 5.0, p, q) * x
+
+
+def bits_to_normal(bits: jax.Array) -> jax.Array:
+  """Standard normals from uint32 words, one each: sqrt(2) erfinv(x) with
+  x = +-(m + 1/2) / 2^23, m the low 23 bits and the sign the top bit, i.e.
+  x = 2u - 1 for u uniform on the 2^24 midpoints (k + 1/2) / 2^24. Exact in
+  float32, symmetric, never +-1."""
+  magnitude = ((jax.lax.convert_element_type(bits & np.uint32(0x7FFFFF),
+                                             jnp.float32) + 0.5)
+               * np.float32(2.0 ** -23))
+  x = jnp.where(bits >> np.uint32(31) == 1, -magnitude, magnitude)
+  return np.float32(math.sqrt(2.0)) * _erfinv(x)
+
+
+def _is_threefry(key) -> bool:
+  impl = jax.random.key_impl(key) if jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key) else None
+  return impl is None or "threefry" in str(impl)
+
+
+def _latent_block_t(block_key, num_latents: int):
+  """The standard normals of one block key, latent-major: [r, LATENT_BLOCK]
+  (latent j of sample i is word j * LATENT_BLOCK + i)."""
+  count = LATENT_BLOCK * num_latents
+  if _is_threefry(block_key):
+    data = (jax.random.key_data(block_key) if jax.dtypes.issubdtype(
+        block_key.dtype, jax.dtypes.prng_key) else block_key)
+    bits = _block_bits(data.astype(jnp.uint32), count)
+  else:  # another PRNG implementation: its own bits, same layout
+    bits = jax.random.bits(block_key, (count,), jnp.uint32)
+  return bits_to_normal(bits).reshape(num_latents, LATENT_BLOCK)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _latent_normals(stream, block, num_latents):
+  return _latent_block_t(jax.random.fold_in(stream, block), num_latents).T
+
+
+def latent_normals(stream: jax.Array, block: int, num_latents: int) -> jax.Array:
+  """Block `block` of a latent stream: standard normals [LATENT_BLOCK, r].
+
+  Samples block * LATENT_BLOCK ... (block + 1) * LATENT_BLOCK - 1 of the
+  stream, whatever the batch size; a pure function of
+  `fold_in(stream, block)` and r: latent j of the block's sample i is
+  `bits_to_normal` of word j * LATENT_BLOCK + i of
+  `threefry_2x32(key_data(fold_in(stream, block)), iota(LATENT_BLOCK * r))`.
   """
+  return _latent_normals(stream, block, int(num_latents))
 
-  def __call__(self, params: Any, latents: jax.Array) -> dict[str, jax.Array]:
-    spec = "br,cr->bc" if params["factor_logits"].ndim == 2 else "br,pcr->bpc"
-    logits = params["mean_logits"] + jnp.einsum(
-        spec, latents, params["factor_logits"],
-        precision=jax.lax.Precision.HIGHEST)
-    return {"predictions": argmax_or_no_class(logits)}
+
+def _logit_gaussian(fit: GaussianFit, class_embeddings: jax.Array):
+  """Mean [P, C] and factor B [P, C, r] of the logits' Gaussian (traceable)."""
+  hi = jax.lax.Precision.HIGHEST
+  mean_logits = jnp.einsum("pcd,d->pc", class_embeddings, fit.mean,
+                           precision=hi)
+  factor = jnp.einsum("pcd,dr->pcr", class_embeddings, fit.factor,
+                      precision=hi)
+  num_classes, rank = factor.shape[-2:]
+  if num_classes < rank:
+    # (U F)^T = Q R with R [C, C]: (U F)(U F)^T = R^T R, so R^T is a C x C
+    # factor of the logit covariance: C normals per sample instead of d.
+    r = jnp.linalg.qr(jnp.swapaxes(factor, -1, -2), mode="r")
+    factor = jnp.swapaxes(r, -1, -2)
+  return mean_logits, factor
 
 
 @jax.jit
-def _logit_params(fit: GaussianFit, class_embeddings: jax.Array):
-  hi = jax.lax.Precision.HIGHEST
-  return {"mean_logits": jnp.einsum("...cd,d->...c", class_embeddings,
-                                    fit.mean, precision=hi),
-          "factor_logits": jnp.einsum("...cd,dr->...cr", class_embeddings,
-                                      fit.factor, precision=hi)}
+def _logit_gaussian_jit(fit, class_embeddings):
+  return _logit_gaussian(fit, class_embeddings)
+
+
+def logit_gaussian(fit: GaussianFit,
+                   class_embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The logits' Gaussian for U [C, d] or [P, C, d]: mean `[.., C]` and a
+  factor `[.., C, r]` of U Sigma U^T, r = min(C, F's columns)."""
+  u = jnp.asarray(class_embeddings, jnp.float32)
+  mean, factor = _logit_gaussian_jit(fit, u if u.ndim == 3 else u[None])
+  return (mean, factor) if u.ndim == 3 else (mean[0], factor[0])
+
+
+def blocks_per_step(num_logits: int, batch_size: int) -> int:
+  """Latent blocks evaluated at once: about `LOGITS_BYTES` of logits, at
+  most `batch_size` samples (a memory bound), at least one block."""
+  rows = min(LOGITS_BYTES // (4 * max(num_logits, 1)), batch_size)
+  return max(1, rows // LATENT_BLOCK)
+
+
+def _count_stream(stream, mean_logits, factor, *, num_samples, num_classes,
+                  step_blocks):
+  """Histogram [P, C] of argmax(mean + B h) over a stream's first
+  `num_samples` latent samples, `step_blocks` blocks at a time.
+
+  Samples run along the minor axis (logits [P * C, rows], latents
+  [r, rows]): at small C the matmul and the argmax over classes then
+  vectorise across samples, several times faster than [rows, C].
+  """
+  num_latents = factor.shape[1]
+  num_prompts = mean_logits.shape[0] // num_classes
+  num_blocks = math.ceil(num_samples / LATENT_BLOCK)
+  steps = math.ceil(num_blocks / step_blocks)
+  step_blocks = math.ceil(num_blocks / steps)  # equal steps: little waste
+  rows = step_blocks * LATENT_BLOCK
+
+  def step(counts, s):
+    blocks = s * step_blocks + jnp.arange(step_blocks)
+    keys = jax.vmap(lambda b: jax.random.fold_in(stream, b))(blocks)
+    latents = jax.vmap(_latent_block_t, in_axes=(0, None))(keys, num_latents)
+    latents = jnp.transpose(latents, (1, 0, 2)).reshape(num_latents, rows)
+    logits = mean_logits[:, None] + jnp.dot(
+        factor, latents, precision=jax.lax.Precision.HIGHEST)
+    logits = logits.reshape(num_prompts, num_classes, rows)
+    finite = jnp.all(jnp.isfinite(logits), axis=1)
+    preds = jnp.where(finite, jnp.argmax(logits, axis=1), NO_CLASS)
+    valid = s * rows + jnp.arange(rows) < num_samples
+    return counts + sampler.count_classes(preds.T, valid, num_classes), None
+
+  counts = jnp.zeros((num_prompts, num_classes), jnp.int32)
+  counts, _ = jax.lax.scan(step, counts, jnp.arange(steps))
+  return counts
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("n0", "n", "step_blocks"))
+def _mvn_counts(fit, class_embeddings, key, *, n0, n, step_blocks):
+  num_prompts, num_classes = class_embeddings.shape[:2]
+  mean_logits, factor = _logit_gaussian(fit, class_embeddings)
+  factor = factor.reshape(num_prompts * num_classes, factor.shape[-1])
+  mean_logits = mean_logits.reshape(-1)
+  latent = sampler.stream_key(key, "gaussian")
+  kwargs = dict(num_classes=num_classes, step_blocks=step_blocks)
+  return (_count_stream(sampler.stream_key(latent, "selection"), mean_logits,
+                        factor, num_samples=n0, **kwargs),
+          _count_stream(sampler.stream_key(latent, "estimation"), mean_logits,
+                        factor, num_samples=n, **kwargs))
+
+
+@jax.jit
+def _all_finite(*arrays):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def check_fit(fit: GaussianFit) -> GaussianFit:
@@ -119,8 +309,7 @@ def check_fit(fit: GaussianFit) -> GaussianFit:
   if mean.ndim != 1 or factor.ndim != 2 or factor.shape[0] != mean.shape[0]:
     raise InputError(f"a Gaussian fit is a mean [d] and a factor [d, r]; got "
                      f"{mean.shape} and {factor.shape}")
-  if not (bool(jnp.all(jnp.isfinite(mean)))
-          and bool(jnp.all(jnp.isfinite(factor)))):
+  if not bool(_all_finite(mean, factor)):
     raise InputError(
         "the Gaussian fit contains NaN or infinite values (were some noisy "
         "embeddings not finite?); MVN-OVC cannot use it")
@@ -140,7 +329,8 @@ def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
   Args:
     fit: the input's Gaussian fit at smoothing.sigma.
     class_embeddings: `[C, d]` or `[P, C, d]`.
-    key: the input's key (the latent draws use its "gaussian" stream).
+    key: the input's key (the latent draws use its "gaussian" stream; see
+      the module doc).
     smoothing: sigma (scales the radius), n0, n and alpha as in CERTIFY.
     mvn: the margin delta and the latent batch size.
   """
@@ -150,16 +340,14 @@ def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
       embeddings_name="the Gaussian fit's embeddings").astype(jnp.float32)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
-  params = _logit_params(fit, class_embeddings)
-  latent = jnp.zeros(fit.factor.shape[1:], jnp.float32)
-  draws = sampler.sample_certification_draws(
-      GaussianLogitClassifier(), params, latent,
-      sampler.stream_key(key, "gaussian"), sigma=1.0,
-      num_classes=int(class_embeddings.shape[-2]), n0=smoothing.n0,
-      n=smoothing.n, batch_size=mvn.batch_size)
+  num_logits = math.prod(class_embeddings.shape[:2])
+  counts0, counts = _mvn_counts(
+      GaussianFit(fit.mean.astype(jnp.float32), fit.factor.astype(jnp.float32)),
+      class_embeddings, key, n0=smoothing.n0, n=smoothing.n,
+      step_blocks=blocks_per_step(num_logits, mvn.batch_size))
   return certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
-      sigma=smoothing.sigma, alpha=smoothing.alpha, margin=mvn.delta)
+      counts0, counts, n=smoothing.n, sigma=smoothing.sigma,
+      alpha=smoothing.alpha, margin=mvn.delta)
 
 
 def certify_mvn(fit: GaussianFit, class_embeddings: jax.Array, key: jax.Array,
