@@ -693,7 +693,7 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
       std_min = {m: min(t) for m, t in std_times.items()}
       row["standard_times"] = {str(m): t for m, t in std_times.items()}
     if config.n >= n:
-      pass
+      pass  # measured in the main section
     elif second_n >= n:
       row["standard_s"] = std_min[second_n]
       row["standard_scaled"] = False
@@ -706,12 +706,12 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
         per_sample, fixed = t_b / n_b, 0.0
       row["standard_fit"] = {"points": [[n_a, t_a], [n_b, t_b]],
                              "per_sample_s": per_sample, "fixed_s": fixed}
+      row["standard_s"] = fixed + per_sample * (n0 + n)
+      row["standard_scaled"] = True
     # A cross-check the fit can be read against: the encoder's own rate.
     if entry.get("encoder_images_per_s"):
       row["standard_s_from_encoder_rate"] = (
           (n0 + n) / entry["encoder_images_per_s"] * main["sampler_overhead"])
-      row["standard_s"] = fixed + per_sample * (n0 + n)
-      row["standard_scaled"] = True
     std = row["standard_s"]
     for name in ("cached_memory", "cached_disk_warm", "cached_disk_cold",
                  "mvn_memory", "mvn_disk_warm", "mvn_disk_cold"):
@@ -720,18 +720,15 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
                                      / row["cached_memory"]["min_s"])
 
     # Roofline: what each call reads and computes.
-    p = 1
     cache_bytes = (n0 + n) * d * 4
-    blocks = (-(-n0 // mvn_ovc.LATENT_BLOCK) - -(-n // mvn_ovc.LATENT_BLOCK))
     latent_samples = (-(-n0 // mvn_ovc.LATENT_BLOCK)
                       + -(-n // mvn_ovc.LATENT_BLOCK)) * mvn_ovc.LATENT_BLOCK
-    del blocks
     rank = min(classes, int(fit.factor.shape[1]))
     row["roofline"] = {
         "cached": {"bytes": cache_bytes + classes * d * 4,
-                   "flops": 2 * (n0 + n) * d * classes * p},
+                   "flops": 2 * (n0 + n) * d * classes},
         "mvn": {"bytes": (d * d + d + classes * d) * 4,
-                "flops": 2 * latent_samples * rank * classes * p
+                "flops": 2 * latent_samples * rank * classes
                          + 2 * classes * d * d,
                 "latent_normals": latent_samples * rank},
         "standard": {"flops": (entry.get("flops_per_image") or 0) * (n0 + n)},

@@ -214,12 +214,13 @@ def test_latent_blocks_are_keyed_standard_normals():
   r = 7
   got = np.asarray(mvn_ovc.latent_normals(stream, 5, r), np.float64)
   assert got.shape == (mvn_ovc.LATENT_BLOCK, r)
-  bits = np.asarray(threefry_2x32(
+  bits = np.asarray(threefry_2x32(  # r rounded up to even: 8 rows of words
       jax.random.key_data(jax.random.fold_in(stream, 5)),
-      jnp.arange(mvn_ovc.LATENT_BLOCK * r, dtype=jnp.uint32)))
+      jnp.arange(mvn_ovc.LATENT_BLOCK * (r + 1), dtype=jnp.uint32)))
   magnitude = ((bits & 0x7FFFFF).astype(np.float64) + 0.5) / 2.0 ** 23
   x = np.where(bits >> 31 == 1, -magnitude, magnitude)  # 2u - 1
-  want = (np.sqrt(2.0) * erfinv(x)).reshape(r, -1).T  # latent-major words
+  want = (np.sqrt(2.0) * erfinv(x)).reshape(r + 1, -1)[:r].T  # latent-major
+
   np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
   # Many blocks together: standard normal, independent coordinates.
   many = np.concatenate([np.asarray(mvn_ovc.latent_normals(stream, b, 64))
@@ -277,3 +278,13 @@ def test_selection_and_estimation_draws_use_disjoint_streams():
            for s in ("selection", "estimation", "prediction")]
   data = lambda k: tuple(np.asarray(jax.random.key_data(k)))
   assert len({data(k) for k in list(streams.values()) + image}) == 5
+
+
+@pytest.mark.parametrize("r", [1, 4, 7])
+def test_a_partial_block_is_the_first_samples_of_the_block(r):
+  key = jax.random.fold_in(jax.random.key(12), 3)
+  full = np.asarray(jax.jit(mvn_ovc._latent_block_t, static_argnums=1)(key, r))
+  for samples in (1, 37, mvn_ovc.LATENT_BLOCK - 1):
+    part = np.asarray(jax.jit(mvn_ovc._latent_block_t, static_argnums=(1, 2))(
+        key, r, samples))
+    np.testing.assert_array_equal(part, full[:, :samples])

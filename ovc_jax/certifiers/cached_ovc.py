@@ -175,6 +175,9 @@ def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t,
+                             ctypes.c_char_p)
+    libc.mincore.restype = ctypes.c_int
     return libc
   except (OSError, AttributeError):
     return None
@@ -185,13 +188,33 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14
 _PAGE = mmap.PAGESIZE
 
 
+def _all_resident(rows: np.ndarray) -> bool:
+  """Whether the page cache holds all of a memory-mapped array (a warm
+  cache: then nothing is read ahead, populating would only walk page tables;
+  a cold or partly cold one is read ahead chunk by chunk, every chunk, which
+  keeps the kernel's own read-ahead going)."""
+  address = rows.ctypes.data
+  first = address - address % _PAGE
+  return _resident(first, address + rows.nbytes - first)
+
+
+def _resident(first: int, length: int) -> bool:
+  """Whether the page cache holds every page of [first, first + length)."""
+  pages = -(-length // _PAGE)
+  vec = ctypes.create_string_buffer(pages)
+  if _LIBC.mincore(first, length, vec) != 0:
+    return False
+  return b"\x00" not in vec.raw[:pages]
+
+
 class _ReadAhead:
   """Faults a memory-mapped array in, chunk by chunk, from a helper thread.
 
   `madvise(MADV_POPULATE_READ)` maps each chunk's pages, reading them from
   disk (in large sequential reads) where they are not in the page cache,
   while the main thread counts the chunks before: `wait(i)` returns once
-  chunk i is in memory. Without it, the counting's own page faults read the
+  chunk i is in memory. If the page cache already holds the whole array
+  (`mincore`), nothing is read ahead. Without it, the counting's own page faults read the
   file a few pages at a time from two threads, at a fraction of the disk's
   speed. Where the call is not available, `wait` returns at once and the
   counting faults the pages in itself (slower, same result).
@@ -202,7 +225,8 @@ class _ReadAhead:
     self._ready = [threading.Event() for _ in self._starts]
     self._stop = threading.Event()
     self._thread = None
-    if _LIBC is None or not _is_memory_mapped(rows):
+    if (_LIBC is None or not _is_memory_mapped(rows)
+        or not rows.flags.c_contiguous or _all_resident(rows)):
       for event in self._ready:
         event.set()
       return
@@ -219,9 +243,9 @@ class _ReadAhead:
             and block.nbytes):
           address = block.ctypes.data
           first = address - address % _PAGE
+          length = address + block.nbytes - first
           # ctypes releases the GIL for the call.
-          works = _LIBC.madvise(first, address + block.nbytes - first,
-                                _MADV_POPULATE_READ) == 0
+          works = _LIBC.madvise(first, length, _MADV_POPULATE_READ) == 0
         self._ready[i].set()
     finally:  # never leave the counting waiting
       for event in self._ready:
@@ -238,9 +262,12 @@ class _ReadAhead:
 
 
 def _in_place(rows: np.ndarray) -> bool:
-  """Whether XLA can read these host rows where they are (C-contiguous and
-  64-byte aligned: `device_put(may_alias=True)` then makes no copy)."""
-  return rows.flags.c_contiguous and rows.ctypes.data % _ALIGNMENT == 0
+  """Whether XLA can read these host rows where they are, chunk by chunk
+  (C-contiguous, 64-byte aligned, and so is every chunk's first row, chunks
+  being multiples of MIN_CHUNK_ROWS rows: `device_put(may_alias=True)` then
+  makes no copy)."""
+  return (rows.flags.c_contiguous and rows.ctypes.data % _ALIGNMENT == 0
+          and (MIN_CHUNK_ROWS * rows[:1].nbytes) % _ALIGNMENT == 0)
 
 
 _ALIGNMENT = 64
@@ -296,9 +323,8 @@ def _count_host(rows: np.ndarray, class_embeddings: jax.Array, *,
                 num_classes: int, chunk: int) -> jax.Array:
   m = rows.shape[0]
   counts = jnp.zeros(class_embeddings.shape[:-2] + (num_classes,), jnp.int32)
-  in_place = _in_place(rows) and (chunk * rows[:1].nbytes) % _ALIGNMENT == 0
-  staging = None if in_place else _Staging((chunk,) + rows.shape[1:],
-                                           rows.dtype)
+  staging = None if _in_place(rows) else _Staging((chunk,) + rows.shape[1:],
+                                                  rows.dtype)
   ahead = _ReadAhead(rows, chunk)
   try:
     for i, start in enumerate(range(0, m, chunk)):

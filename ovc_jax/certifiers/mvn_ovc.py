@@ -6,10 +6,11 @@ embedding, so for a new prompt with class matrix U they are approximately
 
     l ~ N(U mu, U Sigma U^T) = U mu + B h,   h ~ N(0, I_r),
 
-with B a C x r factor of U Sigma U^T, r = min(C, rank of F): B = (U F) when
-C >= d, else the transposed R of a QR of (U F)^T, so that B B^T = (U F)(U F)^T
-with C normals per sample instead of d. Draw n0 + n such logit vectors, count
-the argmax and finish CERTIFY with pA_lower lowered by a margin delta:
+with B a C x r factor of U Sigma U^T, r = min(C, d) (d: F's columns): B = U F
+when C >= d, else the transposed R of a QR of (U F)^T, so that B B^T =
+(U F)(U F)^T with C normals per sample instead of d. Draw n0 + n such logit
+vectors, count the argmax and finish CERTIFY with pA_lower lowered by a
+margin delta:
 R = sigma * PhiInv(pA_lower - delta). The embeddings are not Gaussian in
 general (they are L2-normalised outputs of a deep network), so the result can
 exceed the exact radius: it is an estimate, and every output says so. With a
@@ -24,12 +25,17 @@ the input's "gaussian" stream, split like CERTIFY's: selection draws from
 `stream_key(gaussian key, "selection")`, estimation draws from
 `stream_key(gaussian key, "estimation")`, disjoint from each other and from
 all image noise. A block's bits are Threefry-2x32 (JAX's own generator) of
-its key on the counters 0 .. LATENT_BLOCK * r - 1 (`jax.extend.random.
-threefry_2x32`, fused here into the sampling program), and each 32-bit word
-becomes one normal by the inverse CDF, sqrt(2) erfinv(2u - 1), u uniform on
-the 2^24 midpoints (k + 1/2) / 2^24 (Giles' single-precision erfinv, relative
-error < 4e-7; |h| is at most 5.42, the tail beyond has probability 6e-8). The cost per sample grows
-with r = min(C, d), not with d.
+its key on the counters 0 .. LATENT_BLOCK * r' - 1, r' = r rounded up to
+even (as
+`jax.extend.random.threefry_2x32` computes them, written out here so that XLA
+fuses them into the sampling), word j * LATENT_BLOCK + i giving latent j of
+the block's sample i (the last, partial block of a stream is computed for its
+first samples only); each word becomes one normal by the inverse CDF,
+sqrt(2) erfinv(2u - 1), u uniform on the 2^24 midpoints (k + 1/2) / 2^24
+(Giles' single-precision erfinv, relative error < 4e-7; |h| <= 5.42, the
+tail beyond has probability 6e-8). So the cost per sample grows with
+r = min(C, d), not with d; at C >= d it is d normals and the [d] x [d, C]
+product, the same FLOPs as Cached-OVC's E U^T.
 """
 
 from __future__ import annotations
@@ -136,12 +142,17 @@ def _threefry2x32(k0, k1, x0, x1):
   return x0, x1
 
 
-def _block_bits(key_data, count):
-  """threefry_2x32(key, iota(count)) for one key pair: uint32 [count]."""
-  half = count // 2  # count is even (LATENT_BLOCK is)
-  lo = jax.lax.iota(jnp.uint32, half)
-  y0, y1 = _threefry2x32(key_data[0], key_data[1], lo, lo + np.uint32(half))
-  return jnp.concatenate([y0, y1])
+def _block_bits(key_data, num_pairs: int, num_samples: int):
+  """Words [2 * num_pairs, num_samples] of threefry_2x32(key, iota(2 * half))
+  with half = num_pairs * LATENT_BLOCK, word j * LATENT_BLOCK + i at [j, i]:
+  only the first num_samples of each row are computed (a partial block)."""
+  half = num_pairs * LATENT_BLOCK
+  counters = (jax.lax.broadcasted_iota(jnp.uint32, (num_pairs, num_samples), 0)
+              * np.uint32(LATENT_BLOCK)
+              + jax.lax.broadcasted_iota(jnp.uint32, (num_pairs, num_samples), 1))
+  y0, y1 = _threefry2x32(key_data[0], key_data[1], counters,
+                         counters + np.uint32(half))
+  return jnp.concatenate([y0, y1], axis=0)
 
 
 # Giles (2010), "Approximating the erfinv function", single precision.
@@ -182,17 +193,20 @@ def _is_threefry(key) -> bool:
   return impl is None or "threefry" in str(impl)
 
 
-def _latent_block_t(block_key, num_latents: int):
-  """The standard normals of one block key, latent-major: [r, LATENT_BLOCK]
-  (latent j of sample i is word j * LATENT_BLOCK + i)."""
-  count = LATENT_BLOCK * num_latents
+def _latent_block_t(block_key, num_latents: int,
+                    num_samples: int = LATENT_BLOCK):
+  """The standard normals of one block key, latent-major: [r, num_samples],
+  the block's first num_samples samples (latent j of sample i is word
+  j * LATENT_BLOCK + i; an odd r draws one row more, unused)."""
+  num_pairs = (num_latents + 1) // 2
   if _is_threefry(block_key):
     data = (jax.random.key_data(block_key) if jax.dtypes.issubdtype(
         block_key.dtype, jax.dtypes.prng_key) else block_key)
-    bits = _block_bits(data.astype(jnp.uint32), count)
+    bits = _block_bits(data.astype(jnp.uint32), num_pairs, num_samples)
   else:  # another PRNG implementation: its own bits, same layout
-    bits = jax.random.bits(block_key, (count,), jnp.uint32)
-  return bits_to_normal(bits).reshape(num_latents, LATENT_BLOCK)
+    bits = jax.random.bits(block_key, (2 * num_pairs, LATENT_BLOCK),
+                           jnp.uint32)[:, :num_samples]
+  return bits_to_normal(bits[:num_latents])
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -207,7 +221,9 @@ def latent_normals(stream: jax.Array, block: int, num_latents: int) -> jax.Array
   stream, whatever the batch size; a pure function of
   `fold_in(stream, block)` and r: latent j of the block's sample i is
   `bits_to_normal` of word j * LATENT_BLOCK + i of
-  `threefry_2x32(key_data(fold_in(stream, block)), iota(LATENT_BLOCK * r))`.
+  `threefry_2x32(key_data(fold_in(stream, block)), iota(LATENT_BLOCK * r'))`,
+  r' = r rounded up to even. A stream's last, partial block is its first
+  samples: only those are drawn.
   """
   return _latent_normals(stream, block, int(num_latents))
 
@@ -252,7 +268,8 @@ def blocks_per_step(num_logits: int, batch_size: int) -> int:
 def _count_stream(stream, mean_logits, factor, *, num_samples, num_classes,
                   step_blocks):
   """Histogram [P, C] of argmax(mean + B h) over a stream's first
-  `num_samples` latent samples, `step_blocks` blocks at a time.
+  `num_samples` latent samples: its full blocks `step_blocks` at a time,
+  then the first samples of the next block (no more are drawn).
 
   Samples run along the minor axis (logits [P * C, rows], latents
   [r, rows]): at small C the matmul and the argmax over classes then
@@ -260,26 +277,36 @@ def _count_stream(stream, mean_logits, factor, *, num_samples, num_classes,
   """
   num_latents = factor.shape[1]
   num_prompts = mean_logits.shape[0] // num_classes
-  num_blocks = math.ceil(num_samples / LATENT_BLOCK)
-  steps = math.ceil(num_blocks / step_blocks)
-  step_blocks = math.ceil(num_blocks / steps)  # equal steps: little waste
-  rows = step_blocks * LATENT_BLOCK
 
-  def step(counts, s):
-    blocks = s * step_blocks + jnp.arange(step_blocks)
-    keys = jax.vmap(lambda b: jax.random.fold_in(stream, b))(blocks)
-    latents = jax.vmap(_latent_block_t, in_axes=(0, None))(keys, num_latents)
-    latents = jnp.transpose(latents, (1, 0, 2)).reshape(num_latents, rows)
+  def histogram(latents, valid):
     logits = mean_logits[:, None] + jnp.dot(
         factor, latents, precision=jax.lax.Precision.HIGHEST)
-    logits = logits.reshape(num_prompts, num_classes, rows)
+    logits = logits.reshape(num_prompts, num_classes, -1)
     finite = jnp.all(jnp.isfinite(logits), axis=1)
     preds = jnp.where(finite, jnp.argmax(logits, axis=1), NO_CLASS)
-    valid = s * rows + jnp.arange(rows) < num_samples
-    return counts + sampler.count_classes(preds.T, valid, num_classes), None
+    return sampler.count_classes(preds.T, valid, num_classes)
 
   counts = jnp.zeros((num_prompts, num_classes), jnp.int32)
-  counts, _ = jax.lax.scan(step, counts, jnp.arange(steps))
+  full_blocks, tail = divmod(num_samples, LATENT_BLOCK)
+  if full_blocks:
+    steps = math.ceil(full_blocks / step_blocks)
+    step_blocks = math.ceil(full_blocks / steps)  # equal steps: little waste
+    rows = step_blocks * LATENT_BLOCK
+
+    def step(counts, s):
+      blocks = s * step_blocks + jnp.arange(step_blocks)
+      keys = jax.vmap(lambda b: jax.random.fold_in(stream, b))(blocks)
+      latents = jax.vmap(_latent_block_t, in_axes=(0, None))(keys,
+                                                             num_latents)
+      latents = jnp.transpose(latents, (1, 0, 2)).reshape(num_latents, rows)
+      valid = s * rows + jnp.arange(rows) < full_blocks * LATENT_BLOCK
+      return counts + histogram(latents, valid), None
+
+    counts, _ = jax.lax.scan(step, counts, jnp.arange(steps))
+  if tail:
+    latents = _latent_block_t(jax.random.fold_in(stream, full_blocks),
+                              num_latents, tail)
+    counts = counts + histogram(latents, jnp.ones(tail, bool))
   return counts
 
 
