@@ -21,6 +21,12 @@ runs' TSVs and caches:
   figures/speedup.png                   speedup bar chart per backbone and method
   figures/speedup_vs_embedding_time.png
   paper.json                            everything above as numbers
+
+With the `sequential` variant it also runs the certify experiment's sequential
+mode per backbone (normalised space; sequential CERTIFY beside fixed-n at
+n = --config.n on the same keys, under DIR/runs/<backbone>/sequential/) and
+writes tables/sequential.{csv,md} (draws, encoder passes saved, largest gap
+in certified accuracy up to max_radius) and figures/sequential_<backbone>.png.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import numpy as np
 from experiments import common
 from experiments.common import certify_job
 from experiments.common import mvn_calibration
+from experiments.common import sequential_job
 from experiments.configs import certify as certify_configs
 from experiments.configs import paper as paper_configs
 from ovc_jax import results
@@ -83,6 +90,36 @@ def certify_config(c, backbone: str, noise_space: str):
   cc.mvn.delta = c.mvn_delta
   cc.dtype = c.dtype
   return cc
+
+
+def sequential_config(c, backbone: str):
+  """The certify config of one backbone's sequential run (normalised space):
+  sequential CERTIFY with n_max = c.n beside fixed-n at c.n."""
+  cc = certify_config(c, backbone, "normalized")
+  cc.mode = "sequential"
+  cc.sequential.n_max = c.n
+  cc.sequential.max_radius_sigmas = c.sequential_max_radius_sigmas
+  cc.sequential.first_block = min(cc.sequential.first_block, c.n)
+  return cc
+
+
+def sequential_table(runs, out: str) -> list[dict]:
+  """One row per (backbone, sigma) of the sequential runs; their figures."""
+  rows = []
+  for backbone, (setup, summary) in runs.items():
+    for name, e in summary["sequential"].items():
+      rows.append({
+          "backbone": backbone, "sigma": float(name.split("sigma_")[-1]),
+          "inputs": e["inputs"], "max_radius": e["max_radius"],
+          "mean_draws_known": e["mean_draws_per_known_prompt"],
+          "encoder_passes": e["encoder_passes_total"],
+          "fixed_n_passes": e["fixed_encoder_passes_total"],
+          "passes_ratio": e["passes_ratio"],
+          "largest_gap_pp_known": e.get("known_largest_gap_pp", float("nan")),
+          "largest_gap_pp_novel": e.get("novel_largest_gap_pp", float("nan"))})
+    sequential_job.draw(setup, certify_job, summary["sequential"],
+                        out=os.path.join(out, f"sequential_{backbone}.png"))
+  return rows
 
 
 def write_table(rows: list[dict], stem: str) -> None:
@@ -359,6 +396,14 @@ def _run_locked(c, workdir: str, stream) -> dict:
           certify_config(c, backbone, space),
           os.path.join(workdir, "runs", backbone_label(backbone), space),
           stream=stream)
+  sequential_runs = {}
+  if c.sequential:
+    for backbone in c.backbones:
+      stream.write(f"== certify, sequential: backbone {backbone}\n")
+      sequential_runs[backbone_label(backbone)] = certify_job.run(
+          sequential_config(c, backbone),
+          os.path.join(workdir, "runs", backbone_label(backbone),
+                       "sequential"), stream=stream)
   tables, figures = os.path.join(workdir, "tables"), os.path.join(workdir, "figures")
   os.makedirs(figures, exist_ok=True)
   report = {"backbones": [backbone_label(b) for b in c.backbones],
@@ -377,6 +422,9 @@ def _run_locked(c, workdir: str, stream) -> dict:
   report["mvn_calibration"] = mvn_rows
   report["memory_speedup"] = memory_speedup(runs, figures)
   write_table(report["memory_speedup"], os.path.join(tables, "memory_speedup"))
+  if sequential_runs:
+    report["sequential"] = sequential_table(sequential_runs, figures)
+    write_table(report["sequential"], os.path.join(tables, "sequential"))
   common.write_json(os.path.join(workdir, "paper.json"), report)
   return report
 

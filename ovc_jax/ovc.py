@@ -10,6 +10,15 @@
      in `NOVEL_CERTIFIERS` (standard RS, Modified-IRS, Cached-OVC, MVN-OVC),
      from those caches, in memory (`OVCCaches`) or on disk (`StoredCaches`).
 
+The same two steps with sequential, anytime-valid CERTIFY
+(`certifiers/sequential.py`, docs/SEQUENTIAL.md): `certify_known_prompts_
+sequential` draws until every known prompt has stopped and keeps exactly the
+embeddings drawn; `certify_novel_prompt_sequential` certifies a novel prompt
+from them by Cached-OVC (extending the cache with encoder passes for the
+missing tail only, when its own rule needs more draws; the result equals the
+sequential certifier run from scratch for that prompt) or by MVN-OVC (a
+Gaussian fit of the draws made, then n_max logit draws, no encoder pass).
+
 A stored embedding cache can be checked against the model itself: noise sample
 i is a pure function of the key, so `verify_embedding_samples` regenerates a
 few randomly chosen samples and compares their embeddings with the cached ones
@@ -40,10 +49,12 @@ from ovc_jax.certificates import Certificate, SmoothingParams
 from ovc_jax.certifiers import cached_ovc
 from ovc_jax.certifiers import modified_irs
 from ovc_jax.certifiers import mvn_ovc
+from ovc_jax.certifiers import sequential
 from ovc_jax.certifiers import standard
 from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
 from ovc_jax.certifiers.modified_irs import IRSParams, IRSResult, KnownPrompts
 from ovc_jax.certifiers.mvn_ovc import GaussianFit, MVNParams
+from ovc_jax.certifiers.sequential import SequentialParams, SequentialResult
 from ovc_jax.classifiers import EmbeddingClassifier
 from ovc_jax.errors import CacheError, ConfigError
 
@@ -436,3 +447,142 @@ def certify_novel_prompt(method: str, classifier: EmbeddingClassifier,
   return NOVEL_CERTIFIERS[method].fn(
       NovelInput(classifier, encoder_params, x, key), source,
       jnp.asarray(class_embeddings), params)
+
+
+# Sequential OVC: the known prompts' pass stops once every known prompt's rule
+# has stopped; novel prompts reuse (and, on demand, extend) its draws.
+
+
+class SequentialKnownResult(NamedTuple):
+  """The known prompts' sequential certificates and the draws they made.
+
+  Attributes:
+    results: one `SequentialResult` per known prompt (certificate, draws,
+      checkpoint, reason), each what `certify_sequential` of that prompt
+      alone gives with the key.
+    embedding_draws: the embeddings of the n0 selection draws and of exactly
+      the first max(draws) estimation draws: the Cached-OVC cache.
+    encoder_passes: noisy images the encoder embedded for all of them:
+      n0 + max(draws) (plus the rows past the last checkpoint in the chunk
+      the run stopped in, none when checkpoints are multiples of the batch
+      size).
+  """
+
+  results: list[SequentialResult]
+  embedding_draws: EmbeddingDraws
+  encoder_passes: int
+
+
+def _evaluated_rows(draws: int, smoothing: SmoothingParams, mesh=None) -> int:
+  """Estimation rows the encoder computes to serve `draws` of them: the
+  sampler's aligned chunks (`sequential._aligned_chunk`), rounded up."""
+  size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
+  return -(-draws // size) * size
+
+
+def certify_known_prompts_sequential(
+    classifier: EmbeddingClassifier, encoder_params: Any, x: jax.Array,
+    key: jax.Array, known_class_embeddings: jax.Array, params: OVCParams,
+    seq_params: SequentialParams, *, mesh=None) -> SequentialKnownResult:
+  """Sequential CERTIFY of P known prompts ([P, C, d]) on one encoder pass.
+
+  The pass draws the estimation stream block by block and goes on until the
+  last known prompt has stopped; `params.smoothing.n` is not used
+  (`seq_params.n_max` takes its place).
+  """
+  known_class_embeddings = jnp.asarray(known_class_embeddings)
+  if known_class_embeddings.ndim != 3:
+    raise ConfigError("known prompts must be stacked as [P, C, d]; got shape "
+                      f"{known_class_embeddings.shape}")
+  smoothing = params.smoothing
+  model_params = classifier.params(encoder_params, known_class_embeddings)
+  run = sequential.certify_sequential_many(
+      classifier, model_params, x, key, smoothing, seq_params,
+      keep_embeddings=True, mesh=mesh)
+  used = max(r.draws for r in run.results)
+  return SequentialKnownResult(
+      run.results, run.embeddings,
+      smoothing.n0 + _evaluated_rows(used, smoothing, mesh))
+
+
+class SequentialNovelResult(NamedTuple):
+  """A novel prompt's sequential result.
+
+  Attributes:
+    result: the `SequentialResult` (for MVN-OVC an estimate, not a
+      certificate: `approximate`).
+    method: "cached" or "mvn".
+    approximate: True for MVN-OVC.
+    embedding_draws: the cache after this prompt: extended when Cached-OVC's
+      rule needed more draws than it held, else the one given.
+    encoder_passes: noisy images the encoder embedded for this prompt (the
+      missing tail only; 0 when the cache sufficed, and always for MVN-OVC).
+  """
+
+  result: SequentialResult
+  method: str
+  approximate: bool
+  embedding_draws: EmbeddingDraws
+  encoder_passes: int
+
+
+SEQUENTIAL_METHODS = ("cached", "mvn")
+
+
+def certify_novel_prompt_sequential(
+    method: str, classifier: EmbeddingClassifier, encoder_params: Any,
+    x: jax.Array, key: jax.Array, embedding_draws: EmbeddingDraws,
+    class_embeddings: jax.Array, params: OVCParams,
+    seq_params: SequentialParams, *, mesh=None) -> SequentialNovelResult:
+  """Certifies one novel prompt (U [C, d]) sequentially from the known
+  prompts' draws.
+
+  "cached": the sequential rule on slices of the cached embeddings. If it
+  has not stopped when they run out, the same keyed stream is extended with
+  encoder passes for the missing tail only (the cache's part stays as it is)
+  and the rule goes on: the result equals `certify_sequential` of this
+  prompt from scratch with the key. "mvn": a Gaussian fit of the cached
+  estimation embeddings, then MVN-OVC with n = seq_params.n_max logit draws
+  (they cost no encoder pass, so there is nothing to stop early for),
+  labelled approximate; its `draws` are those logit draws.
+
+  Modified-IRS does not carry over as a method of its own: its probe needs
+  n_p encoder passes of the novel prompt on draws the cache already holds,
+  where Cached-OVC gives the exact certificate with none (docs/SEQUENTIAL.md).
+  """
+  if method not in SEQUENTIAL_METHODS:
+    raise ConfigError(f"unknown sequential method {method!r}; choose from "
+                      f"{SEQUENTIAL_METHODS}")
+  class_embeddings = jnp.asarray(class_embeddings)
+  if class_embeddings.ndim != 2:
+    raise ConfigError("a novel prompt's class matrix is [C, d]; got shape "
+                      f"{class_embeddings.shape}")
+  smoothing = params.smoothing
+  if method == "mvn":
+    fit = mvn_ovc.fit_gaussian(embedding_draws.estimation)
+    mvn_smoothing = dataclasses.replace(smoothing, n=seq_params.n_max)
+    cert = mvn_ovc.certify_mvn(fit, class_embeddings, key, mvn_smoothing,
+                               params.mvn)
+    reason = (sequential.STOP_ABSTAIN if cert.prediction < 0 else
+              sequential.STOP_N_MAX)
+    result = SequentialResult(cert, seq_params.n_max,
+                              len(seq_params.checkpoints()) - 1, reason,
+                              float("nan"))
+    return SequentialNovelResult(result, "mvn", True, embedding_draws, 0)
+  model_params = classifier.params(encoder_params, class_embeddings)
+  size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
+  passes = 0
+  while True:  # sequential.certify_sequential_extending, counting the passes
+    result = sequential.certify_sequential_cached(
+        embedding_draws, class_embeddings, smoothing, seq_params,
+        batch_size=params.cached_batch_size)
+    if not isinstance(result, sequential.OutOfDraws):
+      return SequentialNovelResult(result, "cached", False, embedding_draws,
+                                   passes)
+    have = int(np.shape(embedding_draws.estimation)[0])
+    embedding_draws = sequential.extend_embeddings(
+        classifier, model_params, x, key, embedding_draws,
+        result.draws_needed, smoothing, mesh=mesh)
+    # The chunk the old cache ended in is evaluated again (its new rows kept).
+    passes += (_evaluated_rows(result.draws_needed, smoothing, mesh)
+               - have // size * size)

@@ -32,6 +32,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import curves
+from experiments.common import sequential_job
 from experiments.configs import certify as certify_configs
 from ovc_jax import caches
 from ovc_jax import clipure
@@ -50,7 +51,8 @@ from ovc_jax.errors import ConfigError, DataError
 from ovc_jax.models import load_clip
 
 METHODS = ovc.METHODS
-METHOD_NAMES = {name: c.label for name, c in ovc.NOVEL_CERTIFIERS.items()}
+METHOD_NAMES = {**{name: c.label for name, c in ovc.NOVEL_CERTIFIERS.items()},
+                **sequential_job.SEQUENTIAL_METHODS}
 EXTRA_COLUMNS = ("method", "prompt", "pA_lower", "approximate", "irs_applied",
                  "known_prompt", "zeta", "confidence")
 MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
@@ -113,9 +115,12 @@ def validate(config) -> None:
     preprocessing.check_noise_space(config.noise_space)
   except ConfigError as e:
     raise ConfigError(f"{e}; set --config.noise_space") from e
-  if config.mode not in ("ovc", "single"):
-    raise ConfigError(f"--config.mode must be 'ovc' or 'single'; got "
-                      f"{config.mode!r}")
+  if config.mode not in ("ovc", "single", "sequential"):
+    raise ConfigError(f"--config.mode must be 'ovc', 'single' or "
+                      f"'sequential'; got {config.mode!r}")
+  if config.mode == "sequential":
+    for sigma in config.sigmas:
+      sequential_job.seq_params(config, sigma)
   if config.method not in METHODS:
     raise ConfigError(f"--config.method must be one of {METHODS}; got "
                       f"{config.method!r}")
@@ -364,7 +369,7 @@ def build_setup(config, workdir: str) -> Setup:
     templates = (prompt_lists.load_templates(config.templates)
                  if config.templates else
                  prompt_lists.templates_for(config.dataset))
-  if config.mode == "ovc":
+  if config.mode in ("ovc", "sequential"):
     if not 1 <= config.num_novel < len(templates):
       raise ConfigError(f"--config.num_novel must lie in "
                         f"[1, {len(templates) - 1}] for {len(templates)} "
@@ -451,6 +456,8 @@ class Row:
   seconds: float
   result: ovc.NovelResult | None = None
   base: str = ""
+  # Sequential mode: (draws, stop, encoder_passes), sequential_job.COLUMNS.
+  sequential: tuple | None = None
 
   def path(self, setup: Setup) -> str:
     return tsv_path(setup, self.method, self.prompt, self.sigma, self.base)
@@ -465,6 +472,8 @@ class Row:
              bool(irs.irs_applied) if irs else False,
              irs.known_index if irs else -1,
              float(irs.zeta) if irs else float("nan"), confidence)
+    if self.sequential is not None:
+      extra += tuple(self.sequential)
     return results.format_row(idx, label, self.cert.prediction,
                               self.cert.radius, self.seconds, extra)
 
@@ -523,7 +532,10 @@ def certify_input(setup: Setup, idx: int) -> list[Row]:
   rows = []
   for sigma in c.sigmas:
     for base in (b.name for b in setup.base_classifiers):
-      if c.mode == "ovc":
+      if c.mode == "sequential":
+        rows += sequential_job.certify_input(setup, sys.modules[__name__],
+                                             idx, x, key, sigma, base)
+      elif c.mode == "ovc":
         rows += certify_known(setup, setup.known, x, key, sigma, idx, image,
                               base)
         rows += [certify_novel(setup, m, p, x, key, sigma, idx, base)
@@ -541,8 +553,10 @@ def certify_input(setup: Setup, idx: int) -> list[Row]:
 
 def all_tables(setup: Setup) -> dict[str, str]:
   """{tsv path: header} of every file this run writes."""
+  columns = EXTRA_COLUMNS + (sequential_job.COLUMNS
+                            if setup.config.mode == "sequential" else ())
   return {tsv_path(setup, method, prompt, sigma, base):
-              results.header(EXTRA_COLUMNS)
+              results.header(columns)
           for base, _, method, prompt, sigma in _groups(setup)}
 
 
@@ -551,6 +565,10 @@ def _groups(setup: Setup):
   c = setup.config
   for sigma in c.sigmas:
     for base in (b.name for b in setup.base_classifiers):
+      if c.mode == "sequential":
+        yield from ((base, role, m, p, sigma)
+                    for role, m, p in sequential_job.groups(setup))
+        continue
       yield from ((base, "known", "standard", p, sigma) for p in setup.known)
       yield from ((base, "novel", m, p, sigma)
                   for p in setup.novel for m in METHODS)
@@ -620,7 +638,11 @@ def summarize_run(setup: Setup) -> dict:
           same.append(bool(np.array_equal(a["predict"], b["predict"])
                            and np.array_equal(a["radius"], b["radius"])))
         exactness[os.path.join(base, f"sigma_{sigma:g}")] = all(same)
+  extra = {}
+  if c.mode == "sequential":
+    extra["sequential"] = sequential_job.summarize(setup, sys.modules[__name__])
   return {
+      **extra,
       "model": {"name": setup.loaded.name, "fingerprint": setup.loaded.fingerprint,
                 "weights": weights_hashes(setup.loaded),
                 "note": MODEL_NOTE if setup.is_toy else
@@ -629,7 +651,8 @@ def summarize_run(setup: Setup) -> dict:
       "inputs": len(setup.indices),
       "split": {"known": [p.template for p in setup.known],
                 "novel": [p.template for p in setup.novel],
-                "split_seed": c.split_seed} if c.mode == "ovc" else None,
+                "split_seed": c.split_seed}
+               if c.mode in ("ovc", "sequential") else None,
       "methods": aggregate,
       "tables": per_table,
       "cached_identical_to_standard": exactness,
@@ -656,7 +679,7 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
   for sigma in c.sigmas:
     w(f"\nsigma = {sigma:g}\n")
     width = max(8, *(len(n.split("/")[0]) for n in summary["methods"]))
-    w(f"{'prompts':{width}} {'method':24} " + " ".join(f"r>={r:5}" for r in radii)
+    w(f"{'prompts':{width}} {'method':32} " + " ".join(f"r>={r:5}" for r in radii)
       + f" {'s/input':>9} {'speedup':>8}\n")
     for name, entry in summary["methods"].items():
       role, method, s = name.split("/")
@@ -665,12 +688,24 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
       acc = " ".join(f"{entry['certified_accuracy'].get(r, 0.0):7.3f}" for r in radii)
       speed = entry.get("speedup_over_standard")
       speed = f"{speed:7.1f}x" if speed is not None else " " * 8
-      w(f"{role:{width}} {METHOD_NAMES[method]:24} {acc} "
+      w(f"{role:{width}} {METHOD_NAMES[method]:32} {acc} "
         f"{entry['seconds_per_input']:9.4f} {speed}\n")
   if c.mode == "ovc":
     w(f"\nCached-OVC identical to standard RS: "
       f"{summary['cached_identical_to_standard']}\n")
     w(f"{APPROXIMATE_NOTE} (margin delta = {c.mvn.delta})\n")
+  for name, e in summary.get("sequential", {}).items():
+    w(f"\nsequential ({name}): max_radius {e['max_radius']:g}, checkpoints "
+      f"{e['checkpoints']}; mean draws per known prompt "
+      f"{e['mean_draws_per_known_prompt']:,.0f}; encoder passes "
+      f"{e['encoder_passes_total']:,} over {e['inputs']} inputs")
+    if "passes_ratio" in e:
+      w(f" against {e['fixed_encoder_passes_total']:,} at fixed n = "
+        f"{e['fixed_n']:,} ({e['passes_ratio']:.1f}x fewer); largest gap in "
+        f"certified accuracy up to max_radius: known prompts "
+        f"{e.get('known_largest_gap_pp', float('nan')):.2f} pp, novel "
+        f"{e.get('novel_largest_gap_pp', float('nan')):.2f} pp")
+    w(f"\nstops of the known prompts: {e['stops']}\n")
   w("s/input: seconds to certify one input for one prompt by that method "
     "(mean over the prompts), compilation excluded\n")
   w(f"results: {setup.workdir}/summary.json, {setup.workdir}/tsv/ and "
@@ -684,6 +719,11 @@ def progress_note(setup: Setup) -> str:
   if c.mode == "ovc":
     return (f"all {len(setup.known)} known and {len(setup.novel)} novel prompts"
             f" x {len(METHODS)} methods of one input, {sigmas}")
+  if c.mode == "sequential":
+    return (f"all {len(setup.known)} known and {len(setup.novel)} novel prompts"
+            f" of one input, sequential"
+            + (" and fixed-n" if c.sequential.compare_fixed else "")
+            + f", {sigmas}")
   return f"one prompt, {c.method}, {sigmas}"
 
 
@@ -759,6 +799,9 @@ def _run_locked(setup: Setup, journal_: common.ResumableRun,
               title=figure_title(setup))
   if len(setup.base_classifiers) > 1:
     summary["comparison_figure"] = draw_base_comparison(setup)
+  if config.mode == "sequential":
+    summary["sequential_figure"] = sequential_job.draw(
+        setup, sys.modules[__name__], summary["sequential"])
   common.write_json(os.path.join(workdir, "summary.json"), summary)
   return setup, summary
 

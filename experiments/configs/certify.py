@@ -8,6 +8,9 @@ The argument after ':' is a comma-separated list of variants, applied in order:
   datasets   toy | cifar10 | imagenet
   backbones  toy | vit_b32 | vit_b16 | vit_l14 | rn50 | rn101 | openclip_vit_b32
   scale      quick (CI-sized) | paper (n = 100,000, Cohen's subsampling, four sigmas)
+  sequential sequential CERTIFY of the known prompts (one pass until all stop),
+             novel prompts from its draws (Cached-OVC extending them, MVN-OVC),
+             beside fixed-n CERTIFY at n = 100,000 on the same keys
   mode       ovc (known then novel prompts, all four methods) | single (one prompt, one method)
   method     standard | cached | mvn (single mode; irs needs ovc mode's known prompts)
   noise      pixel (noise in native [0, 1] pixel space; default: normalised space)
@@ -42,7 +45,8 @@ mode ovc (known then novel prompts, all four methods) | single (one prompt, one
 method); method standard | cached | mvn (single mode; irs needs the known
 prompts of ovc mode); noise pixel (noise in native [0, 1] pixel space; default:
 normalised space); classifier clipure (CLIPure-Cos certified beside plain
-CLIP)"""
+CLIP); sequential (sequential CERTIFY until the answer is known, beside fixed-n
+at n = 100,000)"""
 EXAMPLE_VARIANTS = "cifar10,vit_b32,paper"
 
 # Fields that do not change any result: a workdir may be resumed with other
@@ -98,6 +102,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.clipure.steps = 10        # the official defaults
   c.clipure.step_size = 30.0
   c.clipure.blank = "templates"  # the dataset's templates, blank; or "single": "a photo of a ."
+  # Sequential mode (variant `sequential`): anytime-valid CERTIFY that stops
+  # once the answer is known (docs/SEQUENTIAL.md).
+  c.sequential = config_dict.ConfigDict()
+  c.sequential.max_radius_sigmas = 2.0  # stop once the radius reaches this x sigma
+  c.sequential.n_max = 100_000        # the most estimation draws
+  c.sequential.first_block = 1000     # the first checkpoint (a multiple of batch_size wastes nothing)
+  c.sequential.growth = 2.0           # geometric checkpoints: 1000, 2000, 4000, ...
+  c.sequential.schedule = ()          # or explicit checkpoints, strictly increasing, ending at n_max
+  c.sequential.alpha_split = "uniform"  # or "basel"
+  c.sequential.compare_fixed = True   # also fixed-n CERTIFY at n = --config.n on the same keys
 
   for variant in filter(None, (arg or "").split(",")):
     _apply(c, variant.strip())
@@ -119,6 +133,9 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
     c.n0, c.n, c.irs.n_p = 100, 100_000, 10_000
   elif variant in ("ovc", "single"):
     c.mode = variant
+  elif variant == "sequential":
+    c.mode = "sequential"
+    c.n = c.sequential.n_max = 100_000  # fixed-n beside it at the same n
   elif variant in ("standard", "irs", "cached", "mvn"):
     c.mode = "single"
     c.method = variant

@@ -16,7 +16,8 @@ from ovc_jax.dataset_settings import DEFAULT_SKIP
 
 # What --help says about the variants (experiments.common.config_help).
 VARIANTS = """datasets toy | cifar10 | imagenet; scale ci (tiny, for tests) |
-paper (n = 100,000, Cohen's subsampling, sigma in {0.12, 0.25, 0.5, 1.0}).
+paper (n = 100,000, Cohen's subsampling, sigma in {0.12, 0.25, 0.5, 1.0});
+sequential (also sequential CERTIFY beside fixed-n at n, per backbone).
 --config.backbones takes names of experiments/configs/certify.py's BACKBONES
 (toy, vit_b32, vit_b16, vit_l14, rn50, rn101, openclip_vit_b32)"""
 EXAMPLE_VARIANTS = "cifar10,paper"
@@ -42,6 +43,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.seed = 0
   c.mvn_delta = 0.025  # see README "MVN-OVC's margin"
   c.dtype = "float32"
+  # The `sequential` variant: sequential CERTIFY beside fixed-n per backbone.
+  c.sequential = False
+  c.sequential_max_radius_sigmas = 2.0
   for variant in filter(None, (arg or "").split(",")):
     variant = variant.strip()
     if variant in DEFAULT_SKIP:
@@ -52,11 +56,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       c.n0, c.n, c.n_p, c.batch_size = 50, 600, 300, 200
       c.gamma = 0.05
       c.skip, c.max = 500, -1
+    elif variant == "sequential":
+      c.sequential = True
     elif variant == "paper":
       c.sigmas = (0.12, 0.25, 0.5, 1.0)
       c.n0, c.n, c.n_p = 100, 100_000, 10_000
     else:
       # SystemExit, not ValueError: ml_collections would print a traceback.
       raise SystemExit(f"error: unknown paper config variant {variant!r}; "
-                       "the variants are: toy, cifar10, imagenet, ci, paper")
+                       "the variants are: toy, cifar10, imagenet, ci, paper, "
+                       "sequential")
   return c

@@ -1,0 +1,106 @@
+"""Sequential OVC: the known prompts' pass keeps exactly its draws, and a novel
+prompt certified from them (growing them when its rule needs more) gets what
+the sequential certifier gives it from scratch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ovc_jax import ovc
+from ovc_jax.certificates import SmoothingParams
+from ovc_jax.certifiers import sequential as sq
+from ovc_jax.certifiers.modified_irs import IRSParams
+from ovc_jax.classifiers import EmbeddingClassifier
+from ovc_jax.errors import ConfigError
+
+D, E, C = 8, 6, 5
+
+
+def mlp_encoder(params, inputs):
+  h = jnp.tanh(inputs.reshape(inputs.shape[0], -1) @ params["w1"])
+  return h @ params["w2"]
+
+
+MLP = EmbeddingClassifier(mlp_encoder, normalize=True)
+SMOOTHING = SmoothingParams(sigma=0.5, n0=64, n=1600, alpha=0.01,
+                            batch_size=50)
+PARAMS = ovc.OVCParams(SMOOTHING, IRSParams(n_p=100))
+SEQ = sq.SequentialParams(max_radius=0.15, n_max=1600, first_block=50)
+
+
+def setup(num_prompts):
+  rng = np.random.default_rng(0)
+  enc = {"w1": jnp.asarray(rng.normal(size=(D, 16)) / 2, jnp.float32),
+         "w2": jnp.asarray(rng.normal(size=(16, E)), jnp.float32)}
+  u = rng.normal(size=(num_prompts, C, E))
+  return enc, jnp.asarray(u / np.linalg.norm(u, axis=-1, keepdims=True),
+                          jnp.float32)
+
+
+def assert_same(a, b):
+  assert (a.draws, a.checkpoint, a.reason) == (b.draws, b.checkpoint, b.reason)
+  assert a.certificate.prediction == b.certificate.prediction
+  assert a.certificate.radius == b.certificate.radius
+  np.testing.assert_array_equal(a.certificate.counts, b.certificate.counts)
+
+
+def test_novel_prompts_from_the_known_pass_equal_scratch_including_growth():
+  enc, prompts = setup(10)
+  known, novel = prompts[:2], prompts[2:]
+  grew = same = 0
+  for i in range(4):
+    x = jnp.asarray(np.random.default_rng(20 + i).normal(size=D), jnp.float32)
+    key = jax.random.key(i)
+    k = ovc.certify_known_prompts_sequential(MLP, enc, x, key, known, PARAMS,
+                                             SEQ)
+    used = max(r.draws for r in k.results)
+    assert k.embedding_draws.estimation.shape[0] == used  # exactly the draws
+    assert k.encoder_passes == SMOOTHING.n0 + used  # checkpoints % 50 == 0
+    for p in range(len(known)):
+      assert_same(k.results[p], sq.certify_sequential(
+          MLP, MLP.params(enc, known[p]), x, key, SMOOTHING, SEQ))
+    for u in novel:
+      got = ovc.certify_novel_prompt_sequential(
+          "cached", MLP, enc, x, key, k.embedding_draws, u, PARAMS, SEQ)
+      scratch = sq.certify_sequential(MLP, MLP.params(enc, u), x, key,
+                                      SMOOTHING, SEQ)
+      assert_same(got.result, scratch)
+      assert not got.approximate
+      have = k.embedding_draws.estimation.shape[0]
+      if scratch.draws > have:  # the cache had to grow, by its tail only
+        grew += 1
+        assert got.encoder_passes == scratch.draws - have
+        assert got.embedding_draws.estimation.shape[0] == scratch.draws
+        np.testing.assert_array_equal(got.embedding_draws.estimation[:have],
+                                      k.embedding_draws.estimation)
+      else:
+        same += 1
+        assert got.encoder_passes == 0
+        assert got.embedding_draws is k.embedding_draws
+  assert grew and same, (grew, same)  # both cases were exercised
+
+
+def test_mvn_from_the_draws_made_is_labelled_approximate():
+  enc, prompts = setup(3)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=D), jnp.float32)
+  key = jax.random.key(5)
+  k = ovc.certify_known_prompts_sequential(MLP, enc, x, key, prompts[:2],
+                                           PARAMS, SEQ)
+  got = ovc.certify_novel_prompt_sequential(
+      "mvn", MLP, enc, x, key, k.embedding_draws, prompts[2], PARAMS, SEQ)
+  assert got.approximate and got.method == "mvn"
+  assert got.encoder_passes == 0 and got.result.draws == SEQ.n_max
+  assert int(np.sum(got.result.certificate.counts)) == SEQ.n_max
+
+
+def test_bad_calls():
+  enc, prompts = setup(2)
+  x = jnp.zeros(D, jnp.float32)
+  key = jax.random.key(0)
+  with pytest.raises(ConfigError, match="unknown sequential method"):
+    ovc.certify_novel_prompt_sequential("irs", MLP, enc, x, key, None,
+                                        prompts[0], PARAMS, SEQ)
+  with pytest.raises(ConfigError, match=r"\[P, C, d\]"):
+    ovc.certify_known_prompts_sequential(MLP, enc, x, key, prompts[0],
+                                         PARAMS, SEQ)
