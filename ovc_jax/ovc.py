@@ -316,6 +316,18 @@ class StoredCaches:
                                   self.provenance)
 
 
+def _known_params(classifier: EmbeddingClassifier, encoder_params: Any,
+                  known_class_embeddings) -> tuple[jax.Array, Any]:
+  """The known prompts' class matrices, checked to be [P, C, d], and the
+  classifier's params for all of them."""
+  known_class_embeddings = jnp.asarray(known_class_embeddings)
+  if known_class_embeddings.ndim != 3:
+    raise ConfigError("known prompts must be stacked as [P, C, d]; got shape "
+                      f"{known_class_embeddings.shape}")
+  return (known_class_embeddings,
+          classifier.params(encoder_params, known_class_embeddings))
+
+
 def certify_known_prompts(classifier: EmbeddingClassifier, encoder_params: Any,
                           x: jax.Array, key: jax.Array,
                           known_class_embeddings: jax.Array,
@@ -335,12 +347,9 @@ def certify_known_prompts(classifier: EmbeddingClassifier, encoder_params: Any,
     Each known prompt's certificate (identical to `standard.certify` of that
     prompt alone with `key`) and the three caches.
   """
-  known_class_embeddings = jnp.asarray(known_class_embeddings)
-  if known_class_embeddings.ndim != 3:
-    raise ConfigError("known prompts must be stacked as [P, C, d]; got shape "
-                      f"{known_class_embeddings.shape}")
+  known_class_embeddings, model_params = _known_params(
+      classifier, encoder_params, known_class_embeddings)
   smoothing = params.smoothing
-  model_params = classifier.params(encoder_params, known_class_embeddings)
   draws = sampler.sample_certification_draws(
       classifier, model_params, sampler.check_input(x), key,
       sigma=smoothing.sigma,
@@ -490,12 +499,9 @@ def certify_known_prompts_sequential(
   last known prompt has stopped; `params.smoothing.n` is not used
   (`seq_params.n_max` takes its place).
   """
-  known_class_embeddings = jnp.asarray(known_class_embeddings)
-  if known_class_embeddings.ndim != 3:
-    raise ConfigError("known prompts must be stacked as [P, C, d]; got shape "
-                      f"{known_class_embeddings.shape}")
+  known_class_embeddings, model_params = _known_params(
+      classifier, encoder_params, known_class_embeddings)
   smoothing = params.smoothing
-  model_params = classifier.params(encoder_params, known_class_embeddings)
   run = sequential.certify_sequential_many(
       classifier, model_params, x, key, smoothing, seq_params,
       keep_embeddings=True, mesh=mesh)
