@@ -71,11 +71,13 @@ def wait_all(procs, timeout=TIMEOUT_S):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_certify_run):
-  """A plain one-process run (one device, no flags): conftest's session-wide
-  TINY run, which tests/test_experiments.py reads too."""
-  workdir, _, seconds = tiny_certify_run
-  return workdir, seconds
+def reference(tmp_path_factory):
+  """A plain one-process run (one device, no flags)."""
+  workdir = str(tmp_path_factory.mktemp("one_process"))
+  start = time.perf_counter()
+  run("experiments.certify", f"--workdir={workdir}", *TINY,
+      timeout=TIMEOUT_S)
+  return workdir, time.perf_counter() - start
 
 
 def test_two_processes_killed_restarted_and_merged_equal_one_process(

@@ -3,14 +3,11 @@
 Each command runs as a user runs it, in a subprocess, in CI-sized settings.
 """
 
-import atexit
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -19,17 +16,8 @@ import pytest
 from ovc_jax import results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAIN_ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-                 PYTHONUNBUFFERED="1")
-# The commands these tests start compile the same programs again and again
-# (a kill and its resume, the processes of a distributed run): they share
-# JAX's persistent compilation cache, one folder per test session. A program
-# loaded from it is the one compiling gives, so no result changes.
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="ovc-jax-tests-compilation-cache-")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
-ENV = dict(PLAIN_ENV, JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+           PYTHONUNBUFFERED="1")
 
 # A CI-sized ovc-mode run: 3 toy test images, one sigma, small n.
 TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
@@ -37,10 +25,9 @@ TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
         "--config.batch_size=200", "--config.num_novel=2"]
 
 
-def run(module, *args, check=True, timeout=600, env=None):
+def run(module, *args, check=True, timeout=600):
   proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=ENV if env is None else env, capture_output=True,
-                        text=True, timeout=timeout)
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
   if check:
     assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
@@ -60,10 +47,9 @@ def tsv_rows_without_time(workdir):
 
 
 @pytest.fixture(scope="module")
-def certify_run(tiny_certify_run):
-  """conftest's session-wide TINY run (tests/test_distributed.py's reference
-  too): (workdir, completed process)."""
-  workdir, proc, _ = tiny_certify_run
+def certify_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("certify"))
+  proc = run("experiments.certify", f"--workdir={workdir}", *TINY)
   return workdir, proc
 
 
@@ -225,10 +211,8 @@ def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
 
 def test_benchmark_writes_every_field(tmp_path):
   workdir = str(tmp_path / "bench")
-  # Without the shared compilation cache: the benchmark times compilation
-  # (its cold / warm children use their own) and peak memory with it.
   proc = run("experiments.benchmark", f"--workdir={workdir}",
-             "--config=experiments/configs/benchmark.py:ci", env=PLAIN_ENV)
+             "--config=experiments/configs/benchmark.py:ci")
   with open(os.path.join(workdir, "benchmark.json")) as f:
     report = json.load(f)
   for field in ("device", "jax_version", "n", "batch_size"):
