@@ -259,3 +259,13 @@ def test_benchmark_writes_every_field(tmp_path):
   for text in ("n = 5,000 section", "SCALED", "roofline", "peak memory",
                "approximate"):
     assert text in proc.stdout, text
+  # The batched section: 8 toy inputs in one jit(vmap(core.certify)) call
+  # against a loop over standard.certify, the same certificates.
+  batched = report["batched"]
+  assert (batched["inputs"], batched["n0"], batched["n"]) == (8, 20, 100)
+  assert batched["batched_s"] > 0 and batched["loop_s"] > 0
+  assert batched["speedup"] == pytest.approx(
+      batched["loop_s"] / batched["batched_s"])
+  assert batched["same_counts"] and batched["same_predictions"]
+  assert batched["radius_within_tolerance"]
+  assert "one jit(vmap(core.certify)) call" in proc.stdout
