@@ -116,7 +116,7 @@ def check_sampler_args(*, num_samples: int, sigma: float, batch_size: int,
     raise ConfigError(f"the number of noise samples must be >= 1; got {num_samples}")
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ConfigError(f"batch size must be >= 1; got {batch_size}")
-  sigma_value = tracing.host_value(sigma)  # None: traced, checked in no way
+  sigma_value = tracing.host_value(sigma)  # None: traced, not checked
   if sigma_value is not None and (
       sigma_value.shape != () or not np.isfinite(sigma_value)
       or sigma_value <= 0):

@@ -71,16 +71,17 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
   c.large.memory = True            # peak memory of each method, in child processes
   c.large.memory_methods = ("cached", "mvn", "standard")
   # Certifying a batch of toy inputs in one jit(vmap(core.certify)) call
-  # against a Python loop over standard.certify, side by side: what batching
-  # across inputs buys when one input's noise batch (batch_size samples) is
-  # too small to fill the device.
+  # against a Python loop over standard.certify, side by side, at each noise
+  # batch size (samples per input per step): what batching across inputs
+  # buys when one input's noise batch is too small to fill the device (2
+  # samples), and what it costs when it already fills it (100, on a CPU).
   c.batched = config_dict.ConfigDict()
   c.batched.enabled = True
   c.batched.alone = False       # only this section (the 'batched' variant)
   c.batched.inputs = 64
   c.batched.n0 = 100
   c.batched.n = 1000
-  c.batched.batch_size = 100    # noise samples per input per step
+  c.batched.batch_sizes = (2, 100)
   c.batched.repeats = 3
   c.variant = arg or "quick"
   if c.variant == "full":
@@ -105,7 +106,7 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.batched.inputs = 8
     c.batched.n0 = 20
     c.batched.n = 100
-    c.batched.batch_size = 50
+    c.batched.batch_sizes = (50,)
     c.batched.repeats = 1
   elif c.variant == "batched":
     c.batched.alone = True
