@@ -11,7 +11,10 @@ from disk included), their speedups, the bytes each cache takes, the image
 encoder's throughput against transformers' FlaxCLIPModel on the same weights,
 the sampler's overhead over the bare encoder, XLA's FLOP count, and the time to
 the first result in fresh processes with and without JAX's persistent
-compilation cache. Writes DIR/benchmark.json and prints a table.
+compilation cache. Then B toy test images certified in one
+jit(vmap(core.certify)) call against a Python loop over standard.certify
+(`--config=experiments/configs/benchmark.py:batched` runs that section
+alone). Writes DIR/benchmark.json and prints a table.
 """
 
 from __future__ import annotations
@@ -255,10 +258,10 @@ def compile_child(name: str, cache_dir: str) -> None:
   key = sampler.input_key(config.seed, 0)
   jax.block_until_ready(x)
   start = time.perf_counter()
-  standard.certify(classifier, params, x, key, smoothing)
+  standard.certify(key, classifier, params, x, smoothing)
   first = time.perf_counter() - start
   start = time.perf_counter()
-  standard.certify(classifier, params, x, key, smoothing)
+  standard.certify(key, classifier, params, x, smoothing)
   second = time.perf_counter() - start
   print(json.dumps({"first_result_s": first, "steady_s": second}))
 
@@ -425,6 +428,15 @@ def write_disk_test_file(path: str, nbytes: int) -> None:
     os.fsync(f.fileno())
 
 
+def cached_smoothing(draws, config):
+  """The SmoothingParams a cache of these rows was drawn with (Cached-OVC
+  checks its n0 and n against the rows)."""
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
+  return SmoothingParams(sigma=config.sigma, n0=int(np.shape(draws.selection)[0]),
+                         n=int(np.shape(draws.estimation)[0]),
+                         alpha=config.alpha)
+
+
 def min_seconds(fn: Callable[[], Any], repeats: int) -> float:
   """Least wall time of fn() over repeats: what the code costs when the
   shared machine lets it run (the benchmark's medians are kept beside)."""
@@ -500,20 +512,20 @@ def memory_child(spec: dict) -> None:
     smoothing = SmoothingParams(sigma=config.sigma, n0=config.n0,
                                 n=config.n, alpha=config.alpha,
                                 batch_size=config.batch_size)
-    call = lambda: standard.certify(classifier, params, x, key, smoothing)
+    call = lambda: standard.certify(key, classifier, params, x, smoothing)
   elif spec["method"] == "cached":
     draws = cached_ovc.EmbeddingDraws(
         np.load(spec["selection"], mmap_mode="r"),
         np.load(spec["estimation"], mmap_mode="r"))
-    call = lambda: cached_ovc.certify_cached(draws, u, sigma=config.sigma,
-                                             alpha=config.alpha)
+    smoothing = cached_smoothing(draws, config)
+    call = lambda: cached_ovc.certify_cached(draws, u, smoothing)
   else:
     fit = mvn_ovc.GaussianFit(jnp.asarray(np.load(spec["mean"])),
                               jnp.asarray(np.load(spec["factor"])))
     smoothing = SmoothingParams(sigma=config.sigma, n0=config.n0,
                                 n=spec["n"], alpha=config.alpha)
     mvn = mvn_ovc.MVNParams(delta=0.0, batch_size=config.mvn_batch_size)
-    call = lambda: mvn_ovc.certify_mvn(fit, u, key, smoothing, mvn)
+    call = lambda: mvn_ovc.certify_mvn(key, fit, u, smoothing, mvn)
   out = {}
   for name in ("first", "warm"):
     reset = _reset_peak()
@@ -634,12 +646,10 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
     results = {}
     for name, make in kinds.items():
       held = make()
-      results[name] = cached_ovc.certify_cached(held, novel,
-                                                sigma=config.sigma,
-                                                alpha=config.alpha)
+      smoothing = cached_smoothing(held, config)
+      results[name] = cached_ovc.certify_cached(held, novel, smoothing)
       row[f"cached_input_{name}"] = timings(
-          lambda: cached_ovc.certify_cached(
-              held, novel, sigma=config.sigma, alpha=config.alpha), repeats)
+          lambda: cached_ovc.certify_cached(held, novel, smoothing), repeats)
       del held  # a memory map must go before its pages can be dropped
     row["inputs_identical"] = all(
         r.prediction == results["jax"].prediction
@@ -659,9 +669,9 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
       cold["cached_disk_cold"].append(min_seconds(calls["cached_disk"], 1))
       drop_from_page_cache(files["embeddings"])
       source = mapped()
+      smoothing = cached_smoothing(source, config)
       cold["cached_read_path_cold"].append(min_seconds(
-          lambda: cached_ovc.certify_cached(source, novel, sigma=config.sigma,
-                                            alpha=config.alpha), 1))
+          lambda: cached_ovc.certify_cached(source, novel, smoothing), 1))
       del source
       drop_from_page_cache(files["gaussian"])
       cold["mvn_disk_cold"].append(min_seconds(calls["mvn_disk"], 1))
@@ -820,6 +830,87 @@ LARGE_TARGETS = (
 )
 
 
+def benchmark_batched(config) -> dict:
+  """B toy test images certified in one jit(vmap(core.certify)) call against
+  a Python loop over standard.certify, same keys, same SmoothingParams, at
+  each noise batch size of batched.batch_sizes.
+
+  Both sides are compiled first (not timed); each is then timed as the
+  median of batched.repeats runs. The loop is what a user writes without the
+  core: one host call per input, each a compiled sampler call, a read-back
+  and scipy's bound. The check columns compare the two input by input.
+  """
+  from ovc_jax import datasets, models, preprocessing, sampler, zeroshot  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top
+  from ovc_jax.certifiers import core, standard  # pylint: disable=g-import-not-at-top
+  from ovc_jax.classifiers import EmbeddingClassifier  # pylint: disable=g-import-not-at-top
+  cfg = config.batched
+  clip = models.load_clip("toy", dtype=config.dtype)
+  test = datasets.load_dataset("toy")
+  count = int(cfg.inputs)
+  xs = jax.jit(preprocessing.preprocess, static_argnums=1)(
+      jnp.asarray(test.images[:count], jnp.float32) / 255, clip.preprocess)
+  keys = jax.vmap(lambda i: sampler.input_key(config.seed, i))(
+      jnp.arange(count))
+  classifier = EmbeddingClassifier(clip.model.embed_images)
+  params = classifier.params(clip.params, zeroshot.class_embeddings(
+      clip, "a photo of a {}.", test.class_names))
+  rows = {}
+  for batch_size in cfg.batch_sizes:
+    smoothing = SmoothingParams(sigma=config.sigma, n0=int(cfg.n0),
+                                n=int(cfg.n), alpha=config.alpha,
+                                batch_size=int(batch_size))
+    certify_batch = jax.jit(jax.vmap(
+        lambda x, key, s=smoothing: core.certify(key, classifier, params, x,
+                                                 s)))
+
+    def loop(s=smoothing):
+      return [standard.certify(keys[i], classifier, params, xs[i], s)
+              for i in range(count)]
+
+    batched = jax.device_get(certify_batch(xs, keys))  # compiles
+    host = loop()  # compiles the sampler's program
+    batched_s = median_seconds(lambda f=certify_batch: f(xs, keys),
+                               cfg.repeats)
+    loop_s = median_seconds(loop, cfg.repeats)
+    gaps = [c.radius - float(batched.radius[i]) for i, c in enumerate(host)]
+    rows[str(batch_size)] = {
+        "batch_size": int(batch_size),
+        "samples_per_step_batched": count * int(batch_size),
+        "batched_s": batched_s, "loop_s": loop_s,
+        "speedup": loop_s / batched_s,
+        "same_counts": all(np.array_equal(batched.counts[i], c.counts)
+                           for i, c in enumerate(host)),
+        "same_predictions": all(int(batched.prediction[i]) == c.prediction
+                                for i, c in enumerate(host)),
+        "max_radius_gap": max(gaps),
+        "radius_within_tolerance": all(
+            0.0 <= gap <= core.radius_tolerance(smoothing, c.pA_lower)
+            for gap, c in zip(gaps, host)),
+        "certified": sum(c.prediction >= 0 for c in host),
+    }
+  return {"inputs": count, "n0": int(cfg.n0), "n": int(cfg.n),
+          "rows": rows}
+
+
+def print_batched(report: dict, stream=sys.stdout) -> None:
+  w = stream.write
+  w(f"\nbatched certification: {report['inputs']} toy inputs, "
+    f"n0={report['n0']}, n={report['n']}; one jit(vmap(core.certify)) call "
+    "against a loop over standard.certify (seconds for all inputs)\n")
+  w(f"{'noise batch':>12} {'per step':>9} {'batched_s':>10} {'loop_s':>10} "
+    f"{'speedup':>8}  checks\n")
+  for row in report["rows"].values():
+    checks = ("same counts and predictions, radius within tolerance"
+              if row["same_counts"] and row["same_predictions"]
+              and row["radius_within_tolerance"] else "DIFFERENT")
+    w(f"{row['batch_size']:>12} {row['samples_per_step_batched']:>9} "
+      f"{row['batched_s']:>10.3f} {row['loop_s']:>10.3f} "
+      f"{row['speedup']:>7.2f}x  {checks} (largest radius gap "
+      f"{row['max_radius_gap']:.1e}; {row['certified']} of "
+      f"{report['inputs']} certified)\n")
+
+
 def check_targets(report: dict) -> list[dict]:
   checks = []
   for label, arch, classes, value, op, bound in LARGE_TARGETS:
@@ -877,6 +968,8 @@ def print_table(report: dict, stream=sys.stdout) -> None:
       + f"; weights: {entry['weights']}\n")
   if report.get("large"):
     print_large(report, stream)
+  if report.get("batched"):
+    print_batched(report["batched"], stream)
   w("\ntargets:\n")
   for check in report["targets"]:
     w(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: "
@@ -1044,6 +1137,19 @@ def main(argv) -> None:
 
 def validate(config) -> None:
   from ovc_jax import models  # pylint: disable=g-import-not-at-top
+  for field in ("inputs", "n0", "n", "repeats"):
+    value = config.batched[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise common.ConfigError(f"--config.batched.{field} must be an integer "
+                               f">= 1; got {value!r}")
+  config.batched.batch_sizes = common.check_number_list(
+      config.batched.batch_sizes, "batched.batch_sizes", minimum=1,
+      allow_minimum=True, integer=True)
+  if config.batched.inputs > 1000:
+    raise common.ConfigError("--config.batched.inputs must be at most 1000 "
+                             "(the toy test split's size)")
+  if config.batched.alone:
+    return
   # --config.architectures=a,b arrives as one string: normalised here.
   config.architectures = common.check_name_list(config.architectures,
                                                 "architectures")
@@ -1101,11 +1207,18 @@ def run(config, workdir: str) -> None:
       },
       "architectures": {},
   }
+  if config.batched.alone:
+    report["batched"] = benchmark_batched(config)
+    common.write_json(os.path.join(workdir, "benchmark.json"), report)
+    print_batched(report["batched"])
+    sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')}\n")
+    return
   if config.large.enabled:
     report["large_notes"] = dict(LARGE_NOTES)
     report["large_n"] = int(config.large.n)
   steps = (len(config.architectures) * (len(config.class_counts) + 1)
-           + (len(config.large.architectures) if config.large.enabled else 0))
+           + (len(config.large.architectures) if config.large.enabled else 0)
+           + int(config.batched.enabled))
   progress = common.Progress(steps, "steps")
   for name in config.architectures:
     backbone = load_backbone(name, config.dtype, config.seed)
@@ -1137,6 +1250,10 @@ def run(config, workdir: str) -> None:
       progress.update(note=f"{name}: n = {config.large.n} section")
       common.write_json(os.path.join(workdir, "benchmark.json"), report)
     del contexts
+  if config.batched.enabled:
+    report["batched"] = benchmark_batched(config)
+    progress.update(note="batched section")
+    common.write_json(os.path.join(workdir, "benchmark.json"), report)
   report["targets"] = check_targets(report)
   common.write_json(os.path.join(workdir, "benchmark.json"), report)
   draw_speedups(report, os.path.join(workdir, "speedup.png"))

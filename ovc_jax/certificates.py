@@ -8,9 +8,10 @@ the counts:
   return (cA, sigma * PhiInv(pA_lower)) if pA_lower > 0.5 else ABSTAIN
 
 `certificate_from_counts` is that rule (MVN-OVC passes its margin delta), and
-`certificate_from_counts_jax` its jittable twin, so there is one place where a
-certificate is made from counts. `SmoothingParams` bundles the numbers every
-certifier is called with.
+`certificate_from_counts_jax` its jittable twin (`certify_counts_jax` takes
+`Counts` and `SmoothingParams` and returns a `JaxCertificate`), so there is
+one place where a certificate is made from counts. `SmoothingParams` bundles
+the numbers every certifier is called with.
 
 n is always passed explicitly: it is the number of estimation draws, not the
 sum of the counts. A draw with no class (a non-finite embedding, see
@@ -31,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 from ovc_jax import bounds
+from ovc_jax import tracing
 from ovc_jax.errors import ConfigError
 
 ABSTAIN = -1
@@ -107,6 +109,35 @@ class Certificate(NamedTuple):
   counts: np.ndarray
 
 
+class Counts(NamedTuple):
+  """CERTIFY's two histograms, int32 `[C]` (or `[P, C]`, or batched `[B, ...]`).
+
+  Attributes:
+    selection: the n0 selection draws' counts (which class to certify).
+    estimation: the n estimation draws' counts (the bound on pA).
+  """
+
+  selection: jax.Array
+  estimation: jax.Array
+
+
+class JaxCertificate(NamedTuple):
+  """A certificate as arrays, from traceable code (`certify_counts_jax`).
+
+  Attributes:
+    prediction: int32, the certified class or ABSTAIN (-1).
+    radius: float, 0 when abstaining; at most the scipy radius of
+      `certificate_from_counts` for the same counts (see there).
+    pA_lower: float, the lower bound on pA after any margin, in [0, 1].
+    counts: int32 `[..., C]`, the estimation counts.
+  """
+
+  prediction: jax.Array
+  radius: jax.Array
+  pA_lower: jax.Array
+  counts: jax.Array
+
+
 def radius_from_lower_bound(p_lower: float, sigma: float) -> float:
   """sigma * PhiInv(p_lower), the certified radius of Cohen et al.'s theorem."""
   return float(sigma * stats.norm.ppf(p_lower))
@@ -123,11 +154,14 @@ def certificate_from_lower_bound(prediction: int, p_lower: float,
 
 
 def check_counts(counts: np.ndarray, n: int) -> None:
-  """Raises ConfigError unless `counts` are >= 0 and sum to at most n draws."""
+  """Raises ConfigError unless `counts` are >= 0 and sum to at most n draws
+  (per histogram: the last axis). Traced counts are not checked."""
   if not _is_count(n, 1):
     raise ConfigError(f"n (the number of draws) must be an integer >= 1; got {n}")
-  counts = np.asarray(counts)
-  if counts.size and (counts.min() < 0 or counts.sum() > n):
+  counts = tracing.host_value(counts)
+  if counts is None:
+    return
+  if counts.size and (counts.min() < 0 or np.any(counts.sum(axis=-1) > n)):
     raise ConfigError(f"counts {counts.tolist()} do not fit n = {n} draws "
                       "(negative, or summing to more than n)")
 
@@ -194,3 +228,33 @@ def certificate_from_counts_jax(counts0: jax.Array, counts: jax.Array,
   radius = jnp.where(certified, radius, 0.0)
   return (jnp.where(certified, c_a, ABSTAIN), radius,
           jnp.where(any_class, jnp.maximum(p_lower, 0.0), 0.0))
+
+
+def certify_counts_jax(counts: Counts, smoothing: SmoothingParams, *,
+                       margin: float = 0.0) -> JaxCertificate:
+  """CERTIFY's last lines on `Counts` of smoothing.n estimation draws, traceable.
+
+  `certificate_from_counts_jax` with smoothing's sigma, alpha and n: the
+  prediction equals `certificate_from_counts`', the radius is at most its
+  scipy radius (see there). Works on one histogram `[C]`, P of them `[P, C]`
+  or a batch; concrete counts are checked on the host (`check_counts`), traced
+  ones are not.
+  """
+  if not isinstance(smoothing, SmoothingParams):
+    raise ConfigError(f"smoothing must be a SmoothingParams; got "
+                      f"{type(smoothing).__name__}")
+  if not isinstance(counts, Counts):
+    raise ConfigError(f"counts must be a Counts(selection, estimation); got "
+                      f"{type(counts).__name__}")
+  selection, estimation = (jnp.asarray(c) for c in counts)
+  if selection.shape != estimation.shape or selection.ndim < 1:
+    raise ConfigError(f"selection counts {selection.shape} and estimation "
+                      f"counts {estimation.shape} must be [..., C] alike")
+  check_counts(counts.estimation, smoothing.n)
+  if not 0.0 <= margin < 1.0:
+    raise ConfigError(f"the margin must lie in [0, 1); got {margin}")
+  prediction, radius, p_lower = certificate_from_counts_jax(
+      selection, estimation, jnp.float32(smoothing.sigma),
+      jnp.float32(smoothing.alpha), jnp.float32(margin), n=smoothing.n)
+  return JaxCertificate(prediction.astype(jnp.int32), radius, p_lower,
+                        estimation)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovc_jax import preprocessing
+from ovc_jax import tracing
 from ovc_jax.errors import InputError
 
 # A sample with no class (non-finite embedding or logits); the same value as
@@ -45,7 +46,7 @@ NO_CLASS = -1
 
 
 def _is_traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
+  return tracing.is_traced(x)
 
 
 def check_class_embeddings(class_embeddings: Any, *,
@@ -58,7 +59,9 @@ def check_class_embeddings(class_embeddings: Any, *,
   Raises InputError (naming the problem) for a non-numeric matrix, another
   rank, no classes, NaN or infinite entries (a NaN row would win every
   argmax), or an embedding size other than `embedding_size`. Traced values
-  (inside jit) are checked for shape only.
+  (inside jit or vmap) are checked for shape only; concrete ones for their
+  values too, on the host with NumPy (see `ovc_jax.tracing`), also inside
+  jit, where `jnp` would stage the check into the trace.
   """
   dtype = getattr(class_embeddings, "dtype", None)
   if dtype is None:
@@ -77,7 +80,7 @@ def check_class_embeddings(class_embeddings: Any, *,
     raise InputError(
         f"class matrix {tuple(u.shape)} has embedding size {u.shape[-1]} but "
         f"{embeddings_name} have size {embedding_size}")
-  if not _is_traced(u) and not bool(jnp.all(jnp.isfinite(u))):
+  if tracing.all_finite(class_embeddings) is False:
     raise InputError("class matrix contains NaN or infinite values")
   return u
 

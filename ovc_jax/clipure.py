@@ -55,6 +55,11 @@ def check_purification_args(*, steps: Any, step_size: Any) -> None:
       or steps < 0):
     raise ConfigError(
         f"purification steps must be an integer >= 0; got {steps!r}")
+  if isinstance(step_size, jax.core.Tracer):  # known inside the program only
+    if step_size.shape:
+      raise ConfigError(f"purification step_size must be a scalar; got shape "
+                        f"{step_size.shape}")
+    return
   if (isinstance(step_size, bool)
       or not isinstance(step_size, (int, float, np.integer, np.floating))
       or not np.isfinite(step_size) or step_size <= 0):

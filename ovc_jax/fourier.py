@@ -68,7 +68,7 @@ Classifiers (each hashable, a function from pixel images [B, H, W, 3] in
   - `SmoothedClassifier`: Cohen et al.'s PREDICT (`standard.predict`) at sigma,
     with n draws, per perturbed image, keyed by the image's classifier key.
     Its draws are the sampler's, so each prediction equals
-    `standard.predict(base, params, x', classifier key, smoothing)`.
+    `standard.predict(classifier key, base, params, x', smoothing)`.
     Abstentions count as errors and are also reported on their own.
 
 Evaluation is one jit-compiled program per (classifier, image batch shape):
@@ -91,6 +91,7 @@ import numpy as np
 from scipy import stats
 
 from ovc_jax import sampler
+from ovc_jax import tracing
 from ovc_jax.certificates import ABSTAIN
 from ovc_jax.errors import ConfigError, InputError
 
@@ -353,7 +354,24 @@ def channel_signs(key: jax.Array, k: int, l: int, image_indices: Sequence[int],
 def perturb(images: jax.Array, basis: jax.Array, signs: jax.Array,
             v) -> jax.Array:
   """clip(X + r * v * U, 0, 1): images [B, H, W, C] in [0, 1], basis [H, W],
-  signs [B, C]."""
+  signs [B, C]; v >= 0 (0: unperturbed).
+
+  Traceable: shapes are always checked, a concrete v's value on the host.
+  """
+  images, basis, signs = (jnp.asarray(a) for a in (images, basis, signs))
+  if (images.ndim != 4 or basis.shape != images.shape[1:3]
+      or signs.shape != (images.shape[0], images.shape[3])):
+    raise InputError(f"perturb takes images [B, H, W, C], a basis [H, W] and "
+                     f"signs [B, C]; got {images.shape}, {basis.shape} and "
+                     f"{signs.shape}")
+  if jnp.ndim(v) != 0:
+    raise ConfigError(f"v must be a scalar; got shape {jnp.shape(v)}")
+  v_value = tracing.host_value(v)
+  if v_value is not None and (
+      not np.issubdtype(v_value.dtype, np.number)
+      or not np.isfinite(v_value) or v_value < 0):
+    raise ConfigError(f"v (the L2 norm of the Fourier perturbation) must be a "
+                      f"finite number >= 0; got {v!r}")
   delta = (jnp.asarray(v, images.dtype) * signs[:, None, None, :]
            * basis[None, :, :, None])
   return jnp.clip(images + delta, 0.0, 1.0)
@@ -416,7 +434,7 @@ class SmoothedClassifier:
   """Cohen et al.'s PREDICT around a base classifier, per (perturbed) image.
 
   For image x with key kx, the n draws are the sampler's draws of
-  `standard.predict(base, params, x, kx, SmoothingParams(sigma, n=n,
+  `standard.predict(kx, base, params, x, SmoothingParams(sigma, n=n,
   alpha=alpha, batch_size=batch_size))`: noise sigma * N(0, I) in the space
   the base classifier takes (with an `EmbeddingClassifier` whose preprocess is
   set: [0, 1] pixel space, not clipped), from the key stream

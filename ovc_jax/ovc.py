@@ -51,7 +51,7 @@ from ovc_jax.certifiers import modified_irs
 from ovc_jax.certifiers import mvn_ovc
 from ovc_jax.certifiers import sequential
 from ovc_jax.certifiers import standard
-from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
+from ovc_jax.certifiers.cached_ovc import CachedParams, EmbeddingDraws
 from ovc_jax.certifiers.modified_irs import IRSParams, IRSResult, KnownPrompts
 from ovc_jax.certifiers.mvn_ovc import GaussianFit, MVNParams
 from ovc_jax.certifiers.sequential import SequentialParams, SequentialResult
@@ -350,11 +350,8 @@ def certify_known_prompts(classifier: EmbeddingClassifier, encoder_params: Any,
   known_class_embeddings, model_params = _known_params(
       classifier, encoder_params, known_class_embeddings)
   smoothing = params.smoothing
-  draws = sampler.sample_certification_draws(
-      classifier, model_params, sampler.check_input(x), key,
-      sigma=smoothing.sigma,
-      num_classes=classifier.num_classes(model_params), n0=smoothing.n0,
-      n=smoothing.n, batch_size=smoothing.batch_size,
+  draws = standard.certification_draws(
+      key, classifier, model_params, x, smoothing,
       outputs=("counts", "predictions", "embeddings"), mesh=mesh)
   certs = certificates.certificates_from_counts(
       draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
@@ -388,18 +385,18 @@ class NovelResult(NamedTuple):
 def _standard(inp: NovelInput, _: CacheSource, class_embeddings,
               params: OVCParams) -> NovelResult:
   cert = standard.certify(
-      inp.classifier, inp.classifier.params(inp.encoder_params,
-                                            class_embeddings),
-      inp.x, inp.key, params.smoothing)
+      inp.key, inp.classifier,
+      inp.classifier.params(inp.encoder_params, class_embeddings), inp.x,
+      params.smoothing)
   return NovelResult(cert, "standard", False, 1.0 - params.smoothing.alpha)
 
 
 def _irs(inp: NovelInput, source: CacheSource, class_embeddings,
          params: OVCParams) -> NovelResult:
   result = modified_irs.certify_novel(
-      inp.classifier, inp.classifier.params(inp.encoder_params,
-                                            class_embeddings),
-      inp.x, inp.key, source.load_known(), params.smoothing, params.irs)
+      inp.key, inp.classifier,
+      inp.classifier.params(inp.encoder_params, class_embeddings), inp.x,
+      source.load_known(), params.smoothing, params.irs)
   return NovelResult(result.certificate, "irs", False, result.confidence,
                      result)
 
@@ -408,14 +405,14 @@ def _cached(inp: NovelInput, source: CacheSource, class_embeddings,
             params: OVCParams) -> NovelResult:
   del inp  # no encoder pass: that is the point
   cert = cached_ovc.certify_cached(
-      source.load_embeddings(), class_embeddings, sigma=params.smoothing.sigma,
-      alpha=params.smoothing.alpha, batch_size=params.cached_batch_size)
+      source.load_embeddings(), class_embeddings, params.smoothing,
+      CachedParams(params.cached_batch_size))
   return NovelResult(cert, "cached", False, 1.0 - params.smoothing.alpha)
 
 
 def _mvn(inp: NovelInput, source: CacheSource, class_embeddings,
          params: OVCParams) -> NovelResult:
-  cert = mvn_ovc.certify_mvn(source.load_gaussian(), class_embeddings, inp.key,
+  cert = mvn_ovc.certify_mvn(inp.key, source.load_gaussian(), class_embeddings,
                              params.smoothing, params.mvn)
   return NovelResult(cert, "mvn", True, None)
 
@@ -567,7 +564,7 @@ def certify_novel_prompt_sequential(
   if method == "mvn":
     fit = mvn_ovc.fit_gaussian(embedding_draws.estimation)
     mvn_smoothing = dataclasses.replace(smoothing, n=seq_params.n_max)
-    cert = mvn_ovc.certify_mvn(fit, class_embeddings, key, mvn_smoothing,
+    cert = mvn_ovc.certify_mvn(key, fit, class_embeddings, mvn_smoothing,
                                params.mvn)
     reason = (sequential.STOP_ABSTAIN if cert.prediction < 0 else
               sequential.STOP_N_MAX)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ovc_jax import tracing
 from ovc_jax.errors import ConfigError, InputError
 
 # A base classifier: `apply_fn(params, inputs [B, *x.shape]) -> outputs`, where
@@ -115,21 +116,32 @@ def check_sampler_args(*, num_samples: int, sigma: float, batch_size: int,
     raise ConfigError(f"the number of noise samples must be >= 1; got {num_samples}")
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ConfigError(f"batch size must be >= 1; got {batch_size}")
-  if not np.isfinite(sigma) or sigma <= 0:
+  sigma_value = tracing.host_value(sigma)  # None: traced, not checked
+  if sigma_value is not None and (
+      sigma_value.shape != () or not np.isfinite(sigma_value)
+      or sigma_value <= 0):
     raise ConfigError(f"sigma must be a finite number > 0; got {sigma}")
   if num_classes is not None and num_classes < 1:
     raise ConfigError(f"num_classes must be >= 1; got {num_classes}")
 
 
-def check_input(x: Any, expected_shape: Sequence[int] | None = None) -> np.ndarray:
-  """Validates one input of the base classifier (any shape), as float32."""
-  arr = np.asarray(x)
+def check_input(x: Any, expected_shape: Sequence[int] | None = None):
+  """Validates one input of the base classifier (any shape), as float32.
+
+  A concrete input comes back as a NumPy array, checked for NaN and inf on
+  the host; a traced one (inside jit or vmap) as a float32 tracer, checked
+  for dtype and shape only (see `ovc_jax.tracing`).
+  """
+  traced = tracing.is_traced(x)
+  arr = x if traced else np.asarray(x)
   if not np.issubdtype(arr.dtype, np.number):
     raise InputError(f"input must be numeric; got dtype {arr.dtype}")
   if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
     raise InputError(
         f"input has shape {tuple(arr.shape)} but the model takes "
         f"{tuple(expected_shape)}")
+  if traced:
+    return arr.astype(jnp.float32)
   arr = arr.astype(np.float32)
   if not np.all(np.isfinite(arr)):
     raise InputError("input contains NaN or infinite values")
@@ -258,7 +270,8 @@ def sample_under_noise(
         f"the mesh must have an axis named {SAMPLE_AXIS!r}; got {mesh.axis_names}")
   if not isinstance(apply_fn, Hashable):
     raise ConfigError("apply_fn must be hashable (a function or frozen dataclass)")
-  if first_index < 0:
+  first_value = tracing.host_value(first_index)
+  if first_value is not None and first_value < 0:
     raise ConfigError(f"first_index must be >= 0; got {first_index}")
   check_params = getattr(apply_fn, "check_params", None)
   if check_params is not None:

@@ -389,7 +389,7 @@ def certified_accuracy_at_zero(model: ClipModel, params: Params,
   correct, abstain, radii = 0, 0, []
   for x, label, idx in zip(images, labels, indices):
     cert = standard.certify(
-        classifier, apply_params, x, sampler.input_key(seed, int(idx)),
+        sampler.input_key(seed, int(idx)), classifier, apply_params, x,
         smoothing, num_classes=class_embeddings.shape[0])
     abstain += cert.prediction == certificates.ABSTAIN
     if cert.prediction == int(label):

@@ -77,16 +77,16 @@ def test_bit_for_bit_equal_to_standard_rs(sigma):
     x, key = make_input(i), jax.random.key(i)
     first_cert, cache = first_prompt_run(encoder, prompts[0], x, key, sigma)
     assert_identical(first_cert, standard.certify(
-        CLASSIFIER, CLASSIFIER.params(encoder, prompts[0]), x,
-        key, smoothing(sigma), num_classes=C))
+        key, CLASSIFIER, CLASSIFIER.params(encoder, prompts[0]),
+        x, smoothing(sigma), num_classes=C))
     for p in range(1, 4):
       reference = standard.certify(
-          CLASSIFIER, CLASSIFIER.params(encoder, prompts[p]), x,
-          key, smoothing(sigma), num_classes=C)
+          key, CLASSIFIER, CLASSIFIER.params(encoder, prompts[p]),
+          x, smoothing(sigma), num_classes=C)
       for chunk in (128, 1000, 4096):
         assert_identical(
-            cached_ovc.certify_cached(cache, prompts[p], sigma=sigma,
-                                      alpha=KW["alpha"], batch_size=chunk),
+            cached_ovc.certify_cached(cache, prompts[p], smoothing(sigma),
+                                      cached_ovc.CachedParams(chunk)),
             reference)
 
 
@@ -99,7 +99,7 @@ def test_abstentions_and_certificates_both_occur():
       _, cache = first_prompt_run(encoder, prompts[0], make_input(i),
                                   jax.random.key(i), sigma)
       preds += [c.prediction for c in cached_ovc.certify_cached_many(
-          cache, prompts, sigma=sigma, alpha=KW["alpha"])]
+          cache, prompts, smoothing(sigma))]
   assert certificates.ABSTAIN in preds
   assert any(p != certificates.ABSTAIN for p in preds)
 
@@ -108,11 +108,10 @@ def test_many_prompts_in_one_pass():
   encoder, prompts = make_params(1), make_prompts(1, 5)
   x, key = make_input(4), jax.random.key(4)
   _, cache = first_prompt_run(encoder, prompts[0], x, key, 0.25)
-  many = cached_ovc.certify_cached_many(cache, prompts, sigma=0.25,
-                                        alpha=KW["alpha"])
+  many = cached_ovc.certify_cached_many(cache, prompts, smoothing(0.25))
   for p in range(5):
     assert_identical(many[p], cached_ovc.certify_cached(
-        cache, prompts[p], sigma=0.25, alpha=KW["alpha"]))
+        cache, prompts[p], smoothing(0.25)))
 
 
 def provenance(**overrides):
@@ -144,8 +143,8 @@ def test_round_trip_through_disk_is_exact(saved_cache):
   disk = cached_ovc.EmbeddingDraws(**loaded.arrays)
   for p in range(3):
     assert_identical(
-        cached_ovc.certify_cached(disk, prompts[p], sigma=0.25),
-        cached_ovc.certify_cached(cache, prompts[p], sigma=0.25))
+        cached_ovc.certify_cached(disk, prompts[p], smoothing(0.25)),
+        cached_ovc.certify_cached(cache, prompts[p], smoothing(0.25)))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -225,7 +224,7 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
 def test_prompt_of_another_size_is_refused(saved_cache):
   cache = saved_cache[1]
   with pytest.raises(InputError, match="embedding size"):
-    cached_ovc.certify_cached(cache, jnp.ones((C, E + 1)), sigma=0.25)
+    cached_ovc.certify_cached(cache, jnp.ones((C, E + 1)), smoothing(0.25))
 
 
 def _rewrite_metadata(directory, edit, *, recompute_checksum):
@@ -411,7 +410,7 @@ def test_bit_for_bit_at_clip_sizes():
       outputs=("embeddings",))
   cache = cached_ovc.embeddings_from_draws(draws)
   reference = standard.certify(
-      CLASSIFIER, CLASSIFIER.params(encoder, prompts[1]), x, key, s,
+      key, CLASSIFIER, CLASSIFIER.params(encoder, prompts[1]), x, s,
       num_classes=c)
   assert len(np.unique(np.nonzero(reference.counts)[0])) > 1
   host = cached_ovc.EmbeddingDraws(np.asarray(cache.selection),
@@ -419,4 +418,4 @@ def test_bit_for_bit_at_clip_sizes():
   for draws_ in (cache, host):
     for batch in (None, 1000):
       assert_identical(cached_ovc.certify_cached(
-          draws_, prompts[1], sigma=sigma, batch_size=batch), reference)
+          draws_, prompts[1], s, cached_ovc.CachedParams(batch)), reference)

@@ -218,8 +218,8 @@ def test_purified_classifier_certifies_with_every_ovc_method():
                                      params)
   assert len(result.certificates) == 3
   for p in range(3):
-    alone = standard.certify(PURIFIED, PURIFIED.params(encoder_params, known[p]),
-                             x, key, params.smoothing)
+    alone = standard.certify(key, PURIFIED,
+                             PURIFIED.params(encoder_params, known[p]), x, params.smoothing)
     assert result.certificates[p].prediction == alone.prediction
     np.testing.assert_array_equal(result.certificates[p].counts, alone.counts)
   # The cache holds the purified (normalised) embeddings of the estimation draws.

@@ -259,3 +259,14 @@ def test_benchmark_writes_every_field(tmp_path):
   for text in ("n = 5,000 section", "SCALED", "roofline", "peak memory",
                "approximate"):
     assert text in proc.stdout, text
+  # The batched section: 8 toy inputs in one jit(vmap(core.certify)) call
+  # against a loop over standard.certify, the same certificates.
+  batched = report["batched"]
+  assert (batched["inputs"], batched["n0"], batched["n"]) == (8, 20, 100)
+  row = batched["rows"]["50"]
+  assert row["samples_per_step_batched"] == 8 * 50
+  assert row["batched_s"] > 0 and row["loop_s"] > 0
+  assert row["speedup"] == pytest.approx(row["loop_s"] / row["batched_s"])
+  assert row["same_counts"] and row["same_predictions"]
+  assert row["radius_within_tolerance"]
+  assert "one jit(vmap(core.certify)) call" in proc.stdout

@@ -218,7 +218,7 @@ def test_smoothed_classifier_is_standard_predict_per_image():
       jnp.arange(10))
   got, abstained = clf.decide(np.asarray(jax.jit(clf.device_outputs)(
       params, images, keys)))
-  want = [standard.predict(base, params, images[i], keys[i], smoothing)
+  want = [standard.predict(keys[i], base, params, images[i], smoothing)
           for i in range(10)]
   assert got.tolist() == want
   assert abstained.tolist() == [p == ABSTAIN for p in want]

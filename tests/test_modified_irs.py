@@ -56,10 +56,10 @@ def test_irs_soundness_over_2000_keys():
   for seed in range(trials):
     key = jax.random.key(seed)
     _, known = modified_irs.certify_known(
-        LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, irs.n_p,
+        key, LINEAR, LINEAR.params(encoder, known_u), x, smoothing, irs,
         num_classes=2)
     result = modified_irs.certify_novel(
-        LINEAR, LINEAR.params(encoder, novel_u), x, key, known, smoothing,
+        key, LINEAR, LINEAR.params(encoder, novel_u), x, known, smoothing,
         irs, num_classes=2)
     cert = result.certificate
     applied.append(result.irs_applied)
@@ -87,17 +87,17 @@ def test_fallback_equals_standard_rs():
   key = jax.random.key(3)
   known_u = jnp.stack([prompt(2.0, sigma), prompt(-1.0, sigma)])
   _, known = modified_irs.certify_known(
-      LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, 300,
-      num_classes=2)
+      key, LINEAR, LINEAR.params(encoder, known_u), x, smoothing,
+      IRSParams(n_p=300), num_classes=2)
   novel = LINEAR.params(encoder, prompt(0.8, sigma))
   # gamma = 0: zeta > 0 always, so IRS never applies.
-  result = modified_irs.certify_novel(LINEAR, novel, x, key, known, smoothing,
+  result = modified_irs.certify_novel(key, LINEAR, novel, x, known, smoothing,
                                       IRSParams(n_p=300, gamma=0.0),
                                       num_classes=2)
   assert not result.irs_applied
   assert result.confidence == pytest.approx(1 - smoothing.alpha)
   reference = standard.certify(
-      LINEAR, novel, x, key,
+      key, LINEAR, novel, x,
       SmoothingParams(sigma=sigma, n0=100, n=3000, alpha=0.001,
                       batch_size=256), num_classes=2)
   assert result.certificate.prediction == reference.prediction
@@ -112,13 +112,13 @@ def test_known_certificates_equal_standard_rs():
                               batch_size=100)
   known_u = jnp.stack([prompt(m, sigma) for m in (1.0, 0.5, -0.3)])
   certs, known = modified_irs.certify_known(
-      LINEAR, LINEAR.params(encoder, known_u), x, jax.random.key(5),
-      smoothing, n_p=80, num_classes=2)
+      jax.random.key(5), LINEAR, LINEAR.params(encoder, known_u), x,
+      smoothing, IRSParams(n_p=80), num_classes=2)
   assert known.estimation_predictions.shape == (80, 3)
   assert known.selection_predictions.shape == (50, 3)
   for p, cert in enumerate(certs):
-    ref = standard.certify(LINEAR, LINEAR.params(encoder, known_u[p]),
-                           x, jax.random.key(5), smoothing, num_classes=2)
+    ref = standard.certify(jax.random.key(5), LINEAR,
+                           LINEAR.params(encoder, known_u[p]), x, smoothing, num_classes=2)
     assert (cert.prediction, cert.radius) == (ref.prediction, ref.radius)
     assert known.p_lower[p] == ref.pA_lower
 
@@ -135,10 +135,10 @@ def test_chooses_the_agreeing_known_prompt_on_selection_draws():
   known_u = jnp.stack([prompt(-2.0, sigma), prompt(0.9, sigma),
                        prompt(3.0, sigma)])
   _, known = modified_irs.certify_known(
-      LINEAR, LINEAR.params(encoder, known_u), x, key, smoothing, irs.n_p,
+      key, LINEAR, LINEAR.params(encoder, known_u), x, smoothing, irs,
       num_classes=2)
   result = modified_irs.certify_novel(
-      LINEAR, LINEAR.params(encoder, prompt(0.9, sigma)), x, key, known,
+      key, LINEAR, LINEAR.params(encoder, prompt(0.9, sigma)), x, known,
       smoothing, irs, num_classes=2)
   assert result.known_index == 1
   assert result.disagreements == 0 and result.irs_applied
@@ -167,14 +167,16 @@ def test_bad_arguments(bad, message):
   smoothing = SmoothingParams(sigma=sigma, n0=10, n=1000, alpha=0.01,
                               batch_size=100)
   _, known = modified_irs.certify_known(
-      LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)[None]),
-      x, jax.random.key(0), smoothing, 100, num_classes=2)
+      jax.random.key(0), LINEAR,
+      LINEAR.params(encoder, prompt(1.0, sigma)[None]), x, smoothing,
+      IRSParams(n_p=100), num_classes=2)
   irs_kw = dict(n_p=100)
   irs_kw.update(bad)
   with pytest.raises(ConfigError, match=message):
     modified_irs.certify_novel(
-        LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)),
-        x, jax.random.key(0), known, smoothing, IRSParams(**irs_kw),
+        jax.random.key(0), LINEAR,
+        LINEAR.params(encoder, prompt(1.0, sigma)), x, known, smoothing,
+        IRSParams(**irs_kw),
         num_classes=2)
 
 
@@ -184,10 +186,11 @@ def test_novel_prompt_with_another_class_count_is_refused():
   smoothing = SmoothingParams(sigma=sigma, n0=10, n=100, alpha=0.01,
                               batch_size=100)
   _, known = modified_irs.certify_known(
-      LINEAR, LINEAR.params(encoder, prompt(1.0, sigma)[None]),
-      x, jax.random.key(0), smoothing, 10, num_classes=2)
+      jax.random.key(0), LINEAR,
+      LINEAR.params(encoder, prompt(1.0, sigma)[None]), x, smoothing,
+      IRSParams(n_p=10), num_classes=2)
   three = jnp.concatenate([prompt(1.0, sigma), jnp.zeros((1, 2))])
   with pytest.raises(ConfigError, match="class count"):
     modified_irs.certify_novel(
-        LINEAR, LINEAR.params(encoder, three), x, jax.random.key(0), known,
+        jax.random.key(0), LINEAR, LINEAR.params(encoder, three), x, known,
         smoothing, IRSParams(n_p=10), num_classes=3)

@@ -57,15 +57,16 @@ def test_counts_agree_with_cached_ovc_for_gaussian_embeddings(seed, sigma):
   key = jax.random.key(seed)
   cache = cache_for(encoder, prompts, x, key, sigma, n=100_000)
   fit = mvn_ovc.fit_gaussian(cache.estimation)
-  exact = cached_ovc.certify_cached_many(cache, prompts, sigma=sigma)
+  exact = cached_ovc.certify_cached_many(
+      cache, prompts, SmoothingParams(sigma=sigma, n0=100, n=100_000))
   smoothing = SmoothingParams(sigma=sigma, n0=100, n=10_000)
-  approx = mvn_ovc.certify_mvn_many(fit, prompts, key, smoothing,
+  approx = mvn_ovc.certify_mvn_many(key, fit, prompts, smoothing,
                                     MVNParams(delta=0.0))
   for e, a in zip(exact, approx):
     assert counts_agree(e.counts, a.counts), (e.counts, a.counts)
   # The test can fail: a covariance twice too wide is caught.
   wrong = mvn_ovc.GaussianFit(fit.mean, fit.factor * 2.0)
-  wide = mvn_ovc.certify_mvn_many(wrong, prompts, key, smoothing,
+  wide = mvn_ovc.certify_mvn_many(key, wrong, prompts, smoothing,
                                   MVNParams(delta=0.0))
   assert not all(counts_agree(e.counts, w.counts) for e, w in zip(exact, wide))
 
@@ -88,9 +89,9 @@ def test_margin_lowers_p_lower_by_delta():
   key = jax.random.key(0)
   fit = mvn_ovc.fit_gaussian(cache_for(encoder, prompts, x, key, 0.25, 5000).estimation)
   smoothing = SmoothingParams(sigma=0.25, n0=100, n=5000)
-  base = mvn_ovc.certify_mvn(fit, prompts[1], key, smoothing,
+  base = mvn_ovc.certify_mvn(key, fit, prompts[1], smoothing,
                              MVNParams(delta=0.0))
-  lowered = mvn_ovc.certify_mvn(fit, prompts[1], key, smoothing,
+  lowered = mvn_ovc.certify_mvn(key, fit, prompts[1], smoothing,
                                 MVNParams(delta=0.02))
   np.testing.assert_array_equal(base.counts, lowered.counts)
   if lowered.prediction != certificates.ABSTAIN:
@@ -125,7 +126,7 @@ def test_bad_margin(delta):
   encoder, prompts, x = problem(0)
   fit = mvn_ovc.GaussianFit(jnp.zeros(E), jnp.eye(E))
   with pytest.raises(ConfigError, match="margin"):
-    mvn_ovc.certify_mvn(fit, prompts[0], jax.random.key(0),
+    mvn_ovc.certify_mvn(jax.random.key(0), fit, prompts[0],
                         SmoothingParams(sigma=0.5, n0=10, n=10),
                         MVNParams(delta=delta))
 
@@ -133,7 +134,7 @@ def test_bad_margin(delta):
 def test_prompt_of_another_embedding_size():
   fit = mvn_ovc.GaussianFit(jnp.zeros(E), jnp.eye(E))
   with pytest.raises(InputError, match="embedding size"):
-    mvn_ovc.certify_mvn(fit, jnp.ones((C, E + 2)), jax.random.key(0),
+    mvn_ovc.certify_mvn(jax.random.key(0), fit, jnp.ones((C, E + 2)),
                         SmoothingParams(sigma=0.5, n0=10, n=10),
                         MVNParams(delta=0.0))
 
@@ -150,9 +151,10 @@ def test_counts_agree_with_cached_ovc_with_more_classes_than_dimensions():
       outputs=("embeddings",))
   cache = cached_ovc.embeddings_from_draws(draws)
   fit = mvn_ovc.fit_gaussian(cache.estimation)
-  exact = cached_ovc.certify_cached_many(cache, prompts, sigma=sigma)
+  exact = cached_ovc.certify_cached_many(
+      cache, prompts, SmoothingParams(sigma=sigma, n0=100, n=100_000))
   approx = mvn_ovc.certify_mvn_many(
-      fit, prompts, key, SmoothingParams(sigma=sigma, n0=100, n=10_000),
+      key, fit, prompts, SmoothingParams(sigma=sigma, n0=100, n=10_000),
       MVNParams(delta=0.0))
   for e, a in zip(exact, approx):
     assert counts_agree(e.counts, a.counts), (e.counts, a.counts)
@@ -186,7 +188,7 @@ def test_draws_do_not_depend_on_the_batch_size():
   key = jax.random.key(3)
   smoothing = SmoothingParams(sigma=0.5, n0=100,
                               n=3 * mvn_ovc.LATENT_BLOCK + 17)
-  results = [mvn_ovc.certify_mvn_many(fit, prompts, key, smoothing,
+  results = [mvn_ovc.certify_mvn_many(key, fit, prompts, smoothing,
                                       MVNParams(delta=0.0, batch_size=b))
              for b in (1, mvn_ovc.LATENT_BLOCK, 2500, 100_000)]
   for other in results[1:]:
@@ -195,9 +197,9 @@ def test_draws_do_not_depend_on_the_batch_size():
       assert (a.prediction, a.pA_lower) == (b.prediction, b.pA_lower)
   assert all(int(c.counts.sum()) == smoothing.n for c in results[0])
   # Another key gives other draws; the same key the same ones.
-  again = mvn_ovc.certify_mvn_many(fit, prompts, key, smoothing,
+  again = mvn_ovc.certify_mvn_many(key, fit, prompts, smoothing,
                                    MVNParams(delta=0.0))
-  other = mvn_ovc.certify_mvn_many(fit, prompts, jax.random.key(4), smoothing,
+  other = mvn_ovc.certify_mvn_many(jax.random.key(4), fit, prompts, smoothing,
                                    MVNParams(delta=0.0))
   assert all(np.array_equal(a.counts, b.counts)
              for a, b in zip(results[0], again))
@@ -248,7 +250,7 @@ def test_selection_and_estimation_draws_use_disjoint_streams():
   fit, prompts = _fit_and_prompts(1)
   key = jax.random.key(21)
   n0, n = 37, mvn_ovc.LATENT_BLOCK + 100
-  certs = mvn_ovc.certify_mvn_many(fit, prompts, key,
+  certs = mvn_ovc.certify_mvn_many(key, fit, prompts,
                                    SmoothingParams(sigma=0.5, n0=n0, n=n),
                                    MVNParams(delta=0.0, batch_size=1))
   mean, factor = (np.asarray(a, np.float64)

@@ -78,7 +78,7 @@ def known():
 @pytest.fixture(scope="module")
 def standard_novel():
   """standard.certify of each novel prompt alone, with the input's key."""
-  return [standard.certify(LINEAR, LINEAR.params(ENCODER, u), X, KEY,
+  return [standard.certify(KEY, LINEAR, LINEAR.params(ENCODER, u), X,
                            PARAMS.smoothing) for u in NOVEL_U]
 
 
@@ -99,8 +99,8 @@ def stored(known, tmp_path_factory):
 def test_known_prompts_equal_standard_rs_alone(known):
   assert len(known.certificates) == P
   for p, cert in enumerate(known.certificates):
-    alone = standard.certify(LINEAR, LINEAR.params(ENCODER, KNOWN_U[p]), X,
-                             KEY, PARAMS.smoothing)
+    alone = standard.certify(KEY, LINEAR, LINEAR.params(ENCODER, KNOWN_U[p]),
+                             X, PARAMS.smoothing)
     assert_identical(cert, alone)
   smoothing = PARAMS.smoothing
   kp = known.caches.known_prompts

@@ -121,3 +121,49 @@ def test_readme_main_job_output_is_what_certify_prints():
   # What the README says about it: Cached-OVC is standard RS on the novel prompts.
   accuracy = {k: v["certified_accuracy"] for k, v in summary["methods"].items()}
   assert accuracy["novel/cached/sigma_0.25"] == accuracy["novel/standard/sigma_0.25"]
+
+
+# The first line of the batched example.
+BATCHED_MARKER = "# Certify a batch of toy images in one compiled call."
+
+
+def test_readme_batched_example_runs(capsys):
+  m = re.search(r"```python\n(" + re.escape(BATCHED_MARKER) +
+                r".*?)\n```\n\nIt prints[^\n]*:\n\n```text\n(.*?)\n```",
+                _readme(), flags=re.S)
+  assert m, "the batched example must be followed by its output"
+  block, expected = m.group(1), m.group(2)
+  assert len(block.splitlines()) <= 15
+  assert "jax.jit(jax.vmap(" in block
+  exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  assert printed == expected + "\n"
+  lines = [line.rsplit(" ", 2) for line in printed.splitlines()]
+  assert len(lines) == 8
+  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from ovc_jax import datasets, models, preprocessing, sampler, toy_world, zeroshot
+  from ovc_jax.certificates import SmoothingParams
+  from ovc_jax.certifiers import standard
+  from ovc_jax.classifiers import EmbeddingClassifier
+  test = datasets.load_dataset("toy")
+  for i, (true_name, predicted, radius) in enumerate(lines):
+    assert true_name == test.class_names[test.labels[i]]
+    assert predicted in toy_world.TOY_CLASSES or predicted == "abstain"
+    assert float(radius) >= 0.0
+  assert sum(p != "abstain" for _, p, _ in lines) >= 4
+  # The first and last inputs as standard.certify certifies them alone.
+  clip = models.load_clip("toy")
+  classifier = EmbeddingClassifier(clip.model.embed_images)
+  params = classifier.params(clip.params, zeroshot.class_embeddings(
+      clip, "a photo of a {}.", test.class_names))
+  smoothing = SmoothingParams(sigma=0.25, n0=100, n=1000, batch_size=100)
+  for i in (0, 7):
+    x = preprocessing.preprocess(
+        jnp.asarray(test.images[i], jnp.float32) / 255, clip.preprocess)
+    cert = standard.certify(sampler.input_key(0, i), classifier, params, x,
+                            smoothing)
+    name = test.class_names[cert.prediction] if cert.prediction >= 0 else (
+        "abstain")
+    assert lines[i][1] == name
+    assert cert.radius - 1e-4 <= float(lines[i][2]) <= cert.radius + 5e-5

@@ -67,13 +67,13 @@ def test_standard_rs_refuses_a_class_matrix_with_bad_numbers(value):
   # A params dict built by hand is checked where the sampler takes it.
   by_hand = {"encoder": ENCODER, "class_embeddings": bad}
   with pytest.raises(InputError, match=NON_FINITE):
-    standard.certify(LINEAR, by_hand, X, KEY, SMOOTHING)
+    standard.certify(KEY, LINEAR, by_hand, X, SMOOTHING)
   with pytest.raises(InputError, match=NON_FINITE):
-    standard.predict(LINEAR, by_hand, X, KEY, SMOOTHING)
+    standard.predict(KEY, LINEAR, by_hand, X, SMOOTHING)
   with pytest.raises(InputError, match=NON_FINITE):
-    standard.certify_many(LINEAR, {"encoder": ENCODER,
+    standard.certify_many(KEY, LINEAR, {"encoder": ENCODER,
                                    "class_embeddings": with_bad_entry(
-                                       KNOWN_U, value)}, X, KEY, SMOOTHING)
+                                       KNOWN_U, value)}, X, SMOOTHING)
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +87,16 @@ def test_cached_and_mvn_refuse_a_class_matrix_with_bad_numbers(known, value):
   fit = known.caches.gaussian_fit
   bad = with_bad_entry(U, value)
   with pytest.raises(InputError, match=NON_FINITE):
-    cached_ovc.certify_cached(draws, bad, sigma=0.5)
+    cached_ovc.certify_cached(draws, bad, SMOOTHING)
   with pytest.raises(InputError, match=NON_FINITE):
     cached_ovc.certify_cached_many(draws, with_bad_entry(KNOWN_U, value),
-                                   sigma=0.5)
+                                   SMOOTHING)
   with pytest.raises(InputError, match=NON_FINITE):
     cached_ovc.count_predictions(draws.estimation, bad)
   with pytest.raises(InputError, match=NON_FINITE):
-    mvn_ovc.certify_mvn(fit, bad, KEY, SMOOTHING)
+    mvn_ovc.certify_mvn(KEY, fit, bad, SMOOTHING)
   with pytest.raises(InputError, match=NON_FINITE):
-    mvn_ovc.certify_mvn_many(fit, with_bad_entry(KNOWN_U, value), KEY,
+    mvn_ovc.certify_mvn_many(KEY, fit, with_bad_entry(KNOWN_U, value),
                              SMOOTHING)
 
 
@@ -111,7 +111,7 @@ def test_the_pipeline_refuses_a_class_matrix_with_bad_numbers(known, value):
                                with_bad_entry(U, value), PARAMS)
   by_hand = {"encoder": ENCODER, "class_embeddings": with_bad_entry(U, value)}
   with pytest.raises(InputError, match=NON_FINITE):
-    modified_irs.certify_novel(LINEAR, by_hand, X, KEY,
+    modified_irs.certify_novel(KEY, LINEAR, by_hand, X,
                                known.caches.known_prompts, SMOOTHING,
                                PARAMS.irs)
 
@@ -132,22 +132,22 @@ def test_mvn_refuses_a_gaussian_fit_with_bad_numbers(known):
                                 known.caches.gaussian_fit.factor)
   for fit in (nan_fit, inf_fit):
     with pytest.raises(InputError, match="Gaussian fit contains NaN or infinite"):
-      mvn_ovc.certify_mvn(fit, U, KEY, SMOOTHING)
+      mvn_ovc.certify_mvn(KEY, fit, U, SMOOTHING)
     with pytest.raises(InputError, match="Gaussian fit contains NaN or infinite"):
-      mvn_ovc.certify_mvn_many(fit, KNOWN_U, KEY, SMOOTHING)
+      mvn_ovc.certify_mvn_many(KEY, fit, KNOWN_U, SMOOTHING)
 
 
 def test_a_class_matrix_of_another_embedding_size_is_an_input_error():
   wide = jnp.ones((C, E + 1), jnp.float32)
   message = r"embedding size 4 but the model's embeddings have size 3"
   with pytest.raises(InputError, match=message):
-    standard.certify(LINEAR, LINEAR.params(ENCODER, wide), X, KEY, SMOOTHING)
+    standard.certify(KEY, LINEAR, LINEAR.params(ENCODER, wide), X, SMOOTHING)
   with pytest.raises(InputError, match=message):
     ovc.certify_known_prompts(LINEAR, ENCODER, X, KEY,
                               jnp.ones((P, C, E + 1), jnp.float32), PARAMS)
   with pytest.raises(InputError, match=message):
-    modified_irs.certify_known(LINEAR, LINEAR.params(ENCODER, wide[None]), X,
-                               KEY, SMOOTHING, 50)
+    modified_irs.certify_known(KEY, LINEAR, LINEAR.params(ENCODER, wide[None]),
+                               X, SMOOTHING, modified_irs.IRSParams(n_p=50))
   assert LINEAR.embedding_size(ENCODER, X.shape) == E
 
 
@@ -205,8 +205,8 @@ def _reference_counts(stream, num_samples):
 def test_a_non_finite_embedding_counts_as_a_miss(value, normalize):
   s = GLITCH_SMOOTHING
   classifier = EmbeddingClassifier(GlitchyEncoder(value), normalize=normalize)
-  cert = standard.certify(classifier, classifier.params({}, GLITCH_U),
-                          GLITCH_X, KEY, s)
+  cert = standard.certify(KEY, classifier,
+                          classifier.params({}, GLITCH_U), GLITCH_X, s)
   counts0, _ = _reference_counts("selection", s.n0)
   counts, glitches = _reference_counts("estimation", s.n)
   assert 100 < glitches < 1000  # about 2 Phi(-1.5) = 13% of the draws
@@ -218,8 +218,8 @@ def test_a_non_finite_embedding_counts_as_a_miss(value, normalize):
   assert cert.pA_lower == expected.pA_lower
   assert cert.radius == expected.radius
   # Never larger than the clean classifier's certificate on the same noise.
-  clean = standard.certify(LINEAR, LINEAR.params(
-      {"A": jnp.eye(2, 4), "c": jnp.zeros(2)}, GLITCH_U), GLITCH_X, KEY, s)
+  clean = standard.certify(KEY, LINEAR, LINEAR.params(
+      {"A": jnp.eye(2, 4), "c": jnp.zeros(2)}, GLITCH_U), GLITCH_X, s)
   assert cert.radius < clean.radius
   # Bounding with counts.sum() draws instead of n would have raised pA.
   assert bounds.clopper_pearson_lower(int(counts[0]), int(counts.sum()),

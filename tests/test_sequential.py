@@ -170,7 +170,7 @@ def test_one_checkpoint_is_cohens_certify():
   for seed in range(3):
     r = sq.certify_sequential(LINEAR, params, x, jax.random.key(seed),
                               smoothing, seq)
-    ref = standard.certify(LINEAR, params, x, jax.random.key(seed), smoothing)
+    ref = standard.certify(jax.random.key(seed), LINEAR, params, x, smoothing)
     assert r.draws == 1000 and r.reason == "n_max"
     assert r.certificate.prediction == ref.prediction
     assert r.certificate.radius == ref.radius

@@ -53,7 +53,7 @@ def _failure_bound(alpha, trials):
 def _certify_many_keys(params, x, sigma, num_classes, trials, n, alpha):
   smoothing = SmoothingParams(sigma=sigma, n0=100, n=n, alpha=alpha,
                               batch_size=n)
-  return [standard.certify(LINEAR, params, x, jax.random.key(seed), smoothing,
+  return [standard.certify(jax.random.key(seed), LINEAR, params, x, smoothing,
                            num_classes=num_classes)
           for seed in range(trials)]
 
@@ -94,7 +94,7 @@ def test_large_n_radius_within_one_percent_of_true_radius():
   sigma = 0.5
   params, x, _ = linear_problem([1.5], sigma)
   cert = standard.certify(
-      LINEAR, params, x, jax.random.key(7),
+      jax.random.key(7), LINEAR, params, x,
       SmoothingParams(sigma=sigma, n0=100, n=1_000_000, alpha=0.001,
                       batch_size=100_000), num_classes=2)
   true_radius = 1.5 * sigma
@@ -107,7 +107,7 @@ def test_abstains_when_no_class_dominates():
   sigma = 1.0
   params, x, _ = linear_problem([0.0], sigma)  # x on the boundary: pA = 0.5
   cert = standard.certify(
-      LINEAR, params, x, jax.random.key(0),
+      jax.random.key(0), LINEAR, params, x,
       SmoothingParams(sigma=sigma, n0=100, n=2000, alpha=0.001,
                       batch_size=500), num_classes=2)
   assert cert.prediction == certificates.ABSTAIN and cert.radius == 0.0
@@ -119,12 +119,12 @@ def test_predict_errs_at_most_alpha():
   smoothing = SmoothingParams(sigma=sigma, n=500, alpha=alpha, batch_size=500)
   wrong = []
   for seed in range(trials):
-    p = standard.predict(LINEAR, params, x, jax.random.key(seed), smoothing,
+    p = standard.predict(jax.random.key(seed), LINEAR, params, x, smoothing,
                          num_classes=2)
     wrong.append(p == 1)
   assert np.mean(wrong) <= _failure_bound(alpha, trials)
   params, x, _ = linear_problem([2.0], sigma)
-  assert standard.predict(LINEAR, params, x, jax.random.key(0), smoothing,
+  assert standard.predict(jax.random.key(0), LINEAR, params, x, smoothing,
                           num_classes=2) == 0
 
 
@@ -137,12 +137,12 @@ def test_certify_many_equals_certify_alone():
   smoothing = SmoothingParams(sigma=0.3, n0=50, n=300, alpha=0.01,
                               batch_size=64)
   many = standard.certify_many(
-      LINEAR, EmbeddingClassifier.params(enc, prompts), x,
-      jax.random.key(1), smoothing, num_classes=4)
+      jax.random.key(1), LINEAR, EmbeddingClassifier.params(enc, prompts),
+      x, smoothing, num_classes=4)
   for p, cert in enumerate(many):
     alone = standard.certify(
-        LINEAR, EmbeddingClassifier.params(enc, prompts[p]), x,
-        jax.random.key(1), smoothing, num_classes=4)
+        jax.random.key(1), LINEAR, EmbeddingClassifier.params(enc, prompts[p]),
+        x, smoothing, num_classes=4)
     assert alone.prediction == cert.prediction
     assert alone.radius == cert.radius
     np.testing.assert_array_equal(alone.counts, cert.counts)
@@ -184,7 +184,7 @@ def test_bad_arguments(bad, error, message):
   kw = dict(sigma=0.5, n0=10, n=10, alpha=0.01, batch_size=5)
   kw.update(bad)
   with pytest.raises(error, match=message):
-    standard.certify(LINEAR, params, x, jax.random.key(0),
+    standard.certify(jax.random.key(0), LINEAR, params, x,
                      SmoothingParams(**kw), num_classes=2)
 
 
@@ -193,16 +193,16 @@ def test_non_finite_input(value):
   params, x, _ = linear_problem([1.0], 0.5)
   x = x.at[3].set(value)
   with pytest.raises(InputError, match="NaN or infinite"):
-    standard.certify(LINEAR, params, x, jax.random.key(0),
+    standard.certify(jax.random.key(0), LINEAR, params, x,
                      SmoothingParams(sigma=0.5, n0=10, n=10), num_classes=2)
 
 
 def test_num_classes_that_disagrees_with_the_class_matrix():
   params, x, _ = linear_problem([1.0], 0.5)
   with pytest.raises(ConfigError, match="the class counts differ"):
-    standard.certify(LINEAR, params, x, jax.random.key(0),
+    standard.certify(jax.random.key(0), LINEAR, params, x,
                      SmoothingParams(sigma=0.5, n0=10, n=10), num_classes=3)
   # By default the count is the classifier's own.
-  default = standard.certify(LINEAR, params, x, jax.random.key(0),
+  default = standard.certify(jax.random.key(0), LINEAR, params, x,
                              SmoothingParams(sigma=0.5, n0=10, n=10))
   assert default.counts.shape == (2,)

@@ -32,10 +32,9 @@ def compare(setup) -> dict[float, list[tuple[Certificate, Certificate]]]:
       source = certify_job.stored_caches(setup, sigma, idx)
       params = certify_job.ovc_params(config, sigma)
       exact = cached_ovc.certify_cached_many(
-          source.load_embeddings(), stack, sigma=float(sigma),
-          alpha=config.alpha)
+          source.load_embeddings(), stack, params.smoothing)
       mvn = mvn_ovc.certify_mvn_many(
-          source.load_gaussian(), stack, key, params.smoothing,
+          key, source.load_gaussian(), stack, params.smoothing,
           mvn_ovc.MVNParams(delta=0.0, batch_size=config.mvn.batch_size))
       pairs[float(sigma)] += list(zip(mvn, exact))
   return pairs

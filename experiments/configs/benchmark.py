@@ -11,7 +11,10 @@ disk, warm and cold) against standard RS measured at n and large.standard_n
 and scaled to n0 + large.n (the output says so; a fast encoder is measured
 at large.n instead), with a roofline table and
 each method's peak memory. full: Cohen's n = 100,000 on both sides. ci: the
-toy model only and a small `large` section, for the test.
+toy model only and a small `large` section, for the test. Every variant
+also certifies batched.inputs toy test images in one jit(vmap(core.certify))
+call against a Python loop over standard.certify (64 inputs at n = 1000; 8 at
+n = 100 in ci); batched: that section alone.
 """
 
 from ml_collections import config_dict
@@ -20,7 +23,9 @@ from ml_collections import config_dict
 # What --help says about the variants (experiments.common.config_help).
 VARIANTS = """quick (the default: n reduced so that a 2-core CPU finishes, plus the
 n = 100,000 section for Cached-OVC and MVN-OVC) | full (Cohen's n = 100,000,
-five architectures; accelerators) | ci (toy model, small; the test's)"""
+five architectures; accelerators) | ci (toy model, small; the test's) |
+batched (only the batched section at quick size: 64 toy inputs, n = 1000, in
+one jit(vmap(...)) call against a loop over standard.certify)"""
 EXAMPLE_VARIANTS = "full"
 
 
@@ -65,6 +70,19 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
   c.large.disk_bytes = 512 << 20   # the file the disk's read speed is timed on
   c.large.memory = True            # peak memory of each method, in child processes
   c.large.memory_methods = ("cached", "mvn", "standard")
+  # Certifying a batch of toy inputs in one jit(vmap(core.certify)) call
+  # against a Python loop over standard.certify, side by side, at each noise
+  # batch size (samples per input per step): what batching across inputs
+  # buys when one input's noise batch is too small to fill the device (2
+  # samples), and what it costs when it already fills it (100, on a CPU).
+  c.batched = config_dict.ConfigDict()
+  c.batched.enabled = True
+  c.batched.alone = False       # only this section (the 'batched' variant)
+  c.batched.inputs = 64
+  c.batched.n0 = 100
+  c.batched.n = 1000
+  c.batched.batch_sizes = (2, 100)
+  c.batched.repeats = 3
   c.variant = arg or "quick"
   if c.variant == "full":
     c.architectures = ("toy", "ViT-B-32", "ViT-B-16", "RN50", "RN101")
@@ -85,8 +103,15 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.large.repeats = 2
     c.large.disk_bytes = 32 << 20
     c.large.memory_methods = ("cached", "mvn")  # a standard child loads the model
+    c.batched.inputs = 8
+    c.batched.n0 = 20
+    c.batched.n = 100
+    c.batched.batch_sizes = (50,)
+    c.batched.repeats = 1
+  elif c.variant == "batched":
+    c.batched.alone = True
   elif c.variant != "quick":
     # SystemExit, not ValueError: ml_collections would print a traceback.
-    raise SystemExit(f"error: unknown benchmark variant {arg!r}: quick, full "
-                     "or ci")
+    raise SystemExit(f"error: unknown benchmark variant {arg!r}: quick, full, "
+                     "ci or batched")
   return c

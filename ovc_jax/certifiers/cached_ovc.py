@@ -52,6 +52,7 @@ on the shape, pass the standard run's batch size as `batch_size`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import mmap
@@ -65,7 +66,8 @@ import numpy as np
 
 from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.certificates import Certificate
+from ovc_jax import tracing
+from ovc_jax.certificates import Certificate, Counts, SmoothingParams
 from ovc_jax.classifiers import check_class_embeddings, predict_from_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
@@ -149,8 +151,9 @@ def _count_on_device(embeddings, class_embeddings, *, num_classes, chunk):
 
 def _host_rows(embeddings: Any) -> np.ndarray | None:
   """The rows as a host numpy array without a copy (a memmap stays one), or
-  None for arrays that live on an accelerator or are traced."""
-  if isinstance(embeddings, jax.core.Tracer):
+  None for arrays that live on an accelerator or are traced, or when called
+  inside a trace (jit, vmap: the counting is then part of that program)."""
+  if isinstance(embeddings, jax.core.Tracer) or tracing.under_trace():
     return None
   if isinstance(embeddings, jax.Array):
     devices = embeddings.devices()
@@ -368,6 +371,8 @@ def _count(embeddings: Any, class_embeddings: jax.Array,
            batch_size: int | None) -> jax.Array:
   """count_predictions for a class matrix already checked."""
   arr, host = _check_rows(embeddings)
+  if host is not None and tracing.is_traced(class_embeddings):
+    host = None  # e.g. vmap over prompts: counted in the caller's program
   num_classes = int(class_embeddings.shape[-2])
   num_logits = math.prod(class_embeddings.shape[:-1])
   if host is not None and (_is_memory_mapped(host) or not _in_place(host)):
@@ -422,36 +427,113 @@ def count_predictions(embeddings: Any, class_embeddings: jax.Array, *,
   return _count(embeddings, class_embeddings, batch_size)
 
 
-def certify_cached_many(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
-                        sigma: float, alpha: float = certificates.DEFAULT_ALPHA,
-                        batch_size: int | None = None) -> list[Certificate]:
-  """Certificates of P prompts (U [P, C, d]) from one read of the cache."""
-  if not 0.0 < alpha < 1.0:
-    raise ConfigError(f"alpha must lie in (0, 1); got {alpha}")
-  _check_batch_size(batch_size)
+@dataclasses.dataclass(frozen=True)
+class CachedParams:
+  """Cached-OVC's own numbers, checked on construction.
+
+  Attributes:
+    batch_size: the most cached rows evaluated at once (memory, not
+      semantics: the counts are the same for every value); None: as many as
+      keep a chunk's logits near `LOGITS_BYTES`.
+  """
+
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    _check_batch_size(self.batch_size)
+
+
+def _check_params(smoothing: Any, cached: Any) -> None:
+  if not isinstance(smoothing, SmoothingParams):
+    raise ConfigError(f"smoothing must be a SmoothingParams; got "
+                      f"{type(smoothing).__name__}")
+  if not isinstance(cached, CachedParams):
+    raise ConfigError(f"cached must be a CachedParams; got "
+                      f"{type(cached).__name__}")
+
+
+def _checked_cache(cache: EmbeddingDraws, class_embeddings: Any):
+  """The class matrix as [P, C, d], checked against both cached streams."""
+  if not isinstance(cache, EmbeddingDraws):
+    raise ConfigError(f"the cache must be an EmbeddingDraws(selection, "
+                      f"estimation); got {type(cache).__name__}")
   class_embeddings = _checked_class_embeddings(cache.estimation,
                                                class_embeddings)
-  if class_embeddings.ndim == 2:
-    class_embeddings = class_embeddings[None]
   selection, _ = _check_rows(cache.selection)
   if selection.shape[1] != class_embeddings.shape[-1]:
     raise InputError(
         f"class matrix {tuple(class_embeddings.shape)} has embedding size "
         f"{class_embeddings.shape[-1]} but the cached selection embeddings "
         f"have size {selection.shape[1]}")
-  counts0 = _count(cache.selection, class_embeddings, batch_size)
-  counts = _count(cache.estimation, class_embeddings, batch_size)
+  return class_embeddings
+
+
+def cached_counts(cache: EmbeddingDraws, class_embeddings: jax.Array,
+                  cached: CachedParams = CachedParams()) -> Counts:
+  """Cached-OVC's selection and estimation counts (traceable).
+
+  Args:
+    cache: the selection embeddings [n0, d] and estimation embeddings [n, d]
+      (jax or numpy arrays, memory-mapped files, or traced arrays inside jit
+      or vmap).
+    class_embeddings: `[C, d]` (counts `[C]`) or `[P, C, d]` (`[P, C]`).
+    cached: the batch size.
+
+  Concrete arrays are read by the host loop of `count_predictions`, traced
+  ones by one scan in the program; the counts are the same.
+  """
+  if not isinstance(cached, CachedParams):
+    raise ConfigError(f"cached must be a CachedParams; got "
+                      f"{type(cached).__name__}")
+  return _cached_counts(cache, _checked_cache(cache, class_embeddings),
+                        cached.batch_size)
+
+
+def _cached_counts(cache: EmbeddingDraws, class_embeddings: jax.Array,
+                   batch_size: int | None) -> Counts:
+  """cached_counts for a class matrix already checked."""
+  return Counts(_count(cache.selection, class_embeddings, batch_size),
+                _count(cache.estimation, class_embeddings, batch_size))
+
+
+def check_draws(cache: EmbeddingDraws, smoothing: SmoothingParams) -> None:
+  """Raises ConfigError unless the cache holds the n0 selection and n
+  estimation rows that smoothing says were drawn."""
+  for name, rows, want in (("selection", cache.selection, smoothing.n0),
+                           ("estimation", cache.estimation, smoothing.n)):
+    have = np.shape(rows)[0] if np.ndim(rows) else 0
+    if have != want:
+      raise ConfigError(
+          f"the cache holds {have} {name} embeddings but smoothing."
+          f"{'n0' if name == 'selection' else 'n'} = {want}: certify with "
+          "the SmoothingParams the cache was made with")
+
+
+def certify_cached_many(cache: EmbeddingDraws, class_embeddings: jax.Array,
+                        smoothing: SmoothingParams,
+                        cached: CachedParams = CachedParams()
+                        ) -> list[Certificate]:
+  """Certificates of P prompts (U [P, C, d]) from one read of the cache.
+
+  smoothing gives sigma and alpha, and its n0 and n must be the cache's row
+  counts (smoothing.batch_size, the encoder's, is not used here).
+  """
+  _check_params(smoothing, cached)
+  class_embeddings = _checked_cache(cache, class_embeddings)
+  check_draws(cache, smoothing)
+  if class_embeddings.ndim == 2:
+    class_embeddings = class_embeddings[None]
+  counts = _cached_counts(cache, class_embeddings, cached.batch_size)
   return certificates.certificates_from_counts(
-      counts0, counts, n=int(np.shape(cache.estimation)[0]), sigma=sigma,
-      alpha=alpha)
+      counts.selection, counts.estimation, n=smoothing.n,
+      sigma=smoothing.sigma, alpha=smoothing.alpha)
 
 
-def certify_cached(cache: EmbeddingDraws, class_embeddings: jax.Array, *,
-                   sigma: float, alpha: float = certificates.DEFAULT_ALPHA,
-                   batch_size: int | None = None) -> Certificate:
+def certify_cached(cache: EmbeddingDraws, class_embeddings: jax.Array,
+                   smoothing: SmoothingParams,
+                   cached: CachedParams = CachedParams()) -> Certificate:
   """The certificate of one prompt (U [C, d]); no image-encoder pass."""
   if jnp.ndim(class_embeddings) != 2:
     raise InputError("certify_cached takes one prompt's [C, d] class matrix; "
                      "use certify_cached_many for [P, C, d]")
-  return certify_cached_many(cache, class_embeddings, sigma=sigma, alpha=alpha,
-                             batch_size=batch_size)[0]
+  return certify_cached_many(cache, class_embeddings, smoothing, cached)[0]

@@ -39,6 +39,7 @@ import numpy as np
 from ovc_jax import bounds
 from ovc_jax import certificates
 from ovc_jax import sampler
+from ovc_jax.certifiers import standard
 from ovc_jax.certificates import Certificate, SmoothingParams
 from ovc_jax.errors import ConfigError
 
@@ -101,6 +102,11 @@ class IRSResult(NamedTuple):
   forward_passes: int
 
 
+def _check_irs(irs: Any) -> None:
+  if not isinstance(irs, IRSParams):
+    raise ConfigError(f"irs must be an IRSParams; got {type(irs).__name__}")
+
+
 def default_num_probe_draws(n: int) -> int:
   """n_p = 10% of n, as in IRS."""
   return max(1, n // 10)
@@ -133,29 +139,29 @@ def known_prompts_from_draws(draws: sampler.Draws, certs: list[Certificate],
       class_embeddings=np.asarray(jax.device_get(class_embeddings)))
 
 
-def certify_known(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-                  key: jax.Array, smoothing: SmoothingParams, n_p: int, *,
+def certify_known(key: jax.Array, apply_fn: sampler.ApplyFn, params: Any,
+                  x: jax.Array, smoothing: SmoothingParams, irs: IRSParams, *,
                   num_classes: int | None = None,
                   mesh=None) -> tuple[list[Certificate], KnownPrompts]:
   """Certifies P known prompts (a class matrix [P, C, d]) at once.
 
   Returns their certificates (each identical to certifying that prompt alone
-  with the key) and the KnownPrompts record Modified-IRS needs.
+  with the key) and the KnownPrompts record Modified-IRS needs, which keeps
+  the first irs.n_p estimation predictions.
   """
-  check_irs_args(n=smoothing.n, n_p=n_p, gamma=0.0, alpha_zeta=0.5)
+  _check_irs(irs)
+  irs.check(smoothing)
   class_embeddings = apply_fn.class_embeddings(params)
   if class_embeddings.ndim != 3:
     raise ConfigError("known prompts must be stacked as [P, C, d]")
-  x = sampler.check_input(x)
-  draws = sampler.sample_certification_draws(
-      apply_fn, params, x, key, sigma=smoothing.sigma,
-      num_classes=sampler.num_classes_of(apply_fn, params, num_classes),
-      n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
-      outputs=("counts", "predictions"), mesh=mesh)
+  draws = standard.certification_draws(
+      key, apply_fn, params, x, smoothing, outputs=("counts", "predictions"),
+      num_classes=num_classes, mesh=mesh)
   certs = certificates.certificates_from_counts(
       draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha)
-  return certs, known_prompts_from_draws(draws, certs, class_embeddings, n_p)
+  return certs, known_prompts_from_draws(draws, certs, class_embeddings,
+                                         irs.n_p)
 
 
 def prompt_similarity(novel: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -177,21 +183,22 @@ def choose_known_prompt(selection_predictions: np.ndarray,
   return int(order[0])
 
 
-def certify_novel(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-                  key: jax.Array, known: KnownPrompts,
+def certify_novel(key: jax.Array, apply_fn: sampler.ApplyFn, params: Any,
+                  x: jax.Array, known: KnownPrompts,
                   smoothing: SmoothingParams, irs: IRSParams, *,
                   num_classes: int | None = None, mesh=None) -> IRSResult:
   """Modified-IRS for one novel prompt (a class matrix [C, d]).
 
   Args:
-    apply_fn, params, x, key: the novel prompt's base classifier and the
-      input with the key its known prompts were certified with.
+    key, apply_fn, params, x: the key the known prompts were certified
+      with, and the novel prompt's base classifier and the input.
     known: what certifying the known prompts left.
     smoothing: as in CERTIFY (for the fallback; n0 must equal the known
       prompts' n0).
     irs: n_p (<= the n_p the known prompts kept), gamma and alpha_zeta.
     num_classes, mesh: as in `standard.certify`.
   """
+  _check_irs(irs)
   alpha_zeta = irs.zeta_alpha(smoothing)
   irs.check(smoothing)
   n0, n_p = smoothing.n0, irs.n_p

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,8 @@ import numpy as np
 
 from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
+from ovc_jax import tracing
+from ovc_jax.certificates import ABSTAIN, Certificate, Counts, SmoothingParams
 from ovc_jax.classifiers import NO_CLASS, check_class_embeddings
 from ovc_jax.errors import ConfigError, InputError
 
@@ -325,18 +326,17 @@ def _mvn_counts(fit, class_embeddings, key, *, n0, n, step_blocks):
                         factor, num_samples=n, **kwargs))
 
 
-@jax.jit
-def _all_finite(*arrays):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
-
-
 def check_fit(fit: GaussianFit) -> GaussianFit:
-  """Raises InputError for a Gaussian fit of bad shape or with bad numbers."""
+  """Raises InputError for a Gaussian fit of bad shape or with bad numbers.
+
+  Traced fits (inside jit or vmap) are checked for shape only; a non-finite
+  traced fit gives non-finite logits, which count for no class.
+  """
   mean, factor = jnp.asarray(fit.mean), jnp.asarray(fit.factor)
   if mean.ndim != 1 or factor.ndim != 2 or factor.shape[0] != mean.shape[0]:
     raise InputError(f"a Gaussian fit is a mean [d] and a factor [d, r]; got "
                      f"{mean.shape} and {factor.shape}")
-  if not bool(_all_finite(mean, factor)):
+  if tracing.all_finite(fit.mean, fit.factor) is False:
     raise InputError(
         "the Gaussian fit contains NaN or infinite values (were some noisy "
         "embeddings not finite?); MVN-OVC cannot use it")
@@ -348,43 +348,80 @@ def check_margin(delta: float) -> None:
     raise ConfigError(f"the MVN margin delta must lie in [0, 1); got {delta}")
 
 
-def certify_mvn_many(fit: GaussianFit, class_embeddings: jax.Array,
-                     key: jax.Array, smoothing: SmoothingParams,
-                     mvn: MVNParams = MVNParams()) -> list[Certificate]:
-  """Approximate certificates of P prompts (U [P, C, d]); see module doc.
+def _check_params(smoothing: Any, mvn: Any) -> None:
+  if not isinstance(smoothing, SmoothingParams):
+    raise ConfigError(f"smoothing must be a SmoothingParams; got "
+                      f"{type(smoothing).__name__}")
+  if not isinstance(mvn, MVNParams):
+    raise ConfigError(f"mvn must be an MVNParams; got {type(mvn).__name__}")
 
-  Args:
-    fit: the input's Gaussian fit at smoothing.sigma.
-    class_embeddings: `[C, d]` or `[P, C, d]`.
-    key: the input's key (the latent draws use its "gaussian" stream; see
-      the module doc).
-    smoothing: sigma (scales the radius), n0, n and alpha as in CERTIFY.
-    mvn: the margin delta and the latent batch size.
-  """
+
+def _checked(fit: GaussianFit, class_embeddings: jax.Array):
+  """The fit and the class matrix as [P, C, d], checked and in float32."""
   fit = check_fit(fit)
   class_embeddings = check_class_embeddings(
       class_embeddings, embedding_size=int(fit.mean.shape[0]),
       embeddings_name="the Gaussian fit's embeddings").astype(jnp.float32)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
+  return (GaussianFit(fit.mean.astype(jnp.float32),
+                      fit.factor.astype(jnp.float32)), class_embeddings)
+
+
+def _counts(key, fit, class_embeddings, smoothing, mvn) -> Counts:
+  """mvn_counts for a fit and a class matrix [P, C, d] already checked."""
   num_logits = math.prod(class_embeddings.shape[:2])
-  counts0, counts = _mvn_counts(
-      GaussianFit(fit.mean.astype(jnp.float32), fit.factor.astype(jnp.float32)),
-      class_embeddings, key, n0=smoothing.n0, n=smoothing.n,
-      step_blocks=blocks_per_step(num_logits, mvn.batch_size))
+  return Counts(*_mvn_counts(
+      fit, class_embeddings, key, n0=smoothing.n0, n=smoothing.n,
+      step_blocks=blocks_per_step(num_logits, mvn.batch_size)))
+
+
+def mvn_counts(key: jax.Array, fit: GaussianFit, class_embeddings: jax.Array,
+               smoothing: SmoothingParams,
+               mvn: MVNParams = MVNParams()) -> Counts:
+  """MVN-OVC's selection and estimation counts of n0 and n logit draws
+  (traceable): `[C]` each for U [C, d], `[P, C]` for U [P, C, d].
+
+  Pure in the key (its "gaussian" stream, see the module doc), the fit and
+  the class matrix, any of which may be traced; concrete ones are checked on
+  the host first (`check_fit`, `check_class_embeddings`).
+  """
+  _check_params(smoothing, mvn)
+  single = jnp.ndim(class_embeddings) == 2
+  fit, class_embeddings = _checked(fit, class_embeddings)
+  counts = _counts(key, fit, class_embeddings, smoothing, mvn)
+  return Counts(counts.selection[0], counts.estimation[0]) if single else counts
+
+
+def certify_mvn_many(key: jax.Array, fit: GaussianFit,
+                     class_embeddings: jax.Array, smoothing: SmoothingParams,
+                     mvn: MVNParams = MVNParams()) -> list[Certificate]:
+  """Approximate certificates of P prompts (U [P, C, d]); see module doc.
+
+  Args:
+    key: the input's key (the latent draws use its "gaussian" stream; see
+      the module doc).
+    fit: the input's Gaussian fit at smoothing.sigma.
+    class_embeddings: `[C, d]` or `[P, C, d]`.
+    smoothing: sigma (scales the radius), n0, n and alpha as in CERTIFY.
+    mvn: the margin delta and the latent batch size.
+  """
+  _check_params(smoothing, mvn)
+  fit, class_embeddings = _checked(fit, class_embeddings)
+  counts = _counts(key, fit, class_embeddings, smoothing, mvn)
   return certificates.certificates_from_counts(
-      counts0, counts, n=smoothing.n, sigma=smoothing.sigma,
-      alpha=smoothing.alpha, margin=mvn.delta)
+      counts.selection, counts.estimation, n=smoothing.n,
+      sigma=smoothing.sigma, alpha=smoothing.alpha, margin=mvn.delta)
 
 
-def certify_mvn(fit: GaussianFit, class_embeddings: jax.Array, key: jax.Array,
+def certify_mvn(key: jax.Array, fit: GaussianFit, class_embeddings: jax.Array,
                 smoothing: SmoothingParams,
                 mvn: MVNParams = MVNParams()) -> Certificate:
   """Approximate certificate of one prompt (U [C, d]); see certify_mvn_many."""
   if jnp.ndim(class_embeddings) != 2:
     raise InputError("certify_mvn takes one prompt's [C, d] class matrix; "
                      "use certify_mvn_many for [P, C, d]")
-  return certify_mvn_many(fit, class_embeddings, key, smoothing, mvn)[0]
+  return certify_mvn_many(key, fit, class_embeddings, smoothing, mvn)[0]
 
 
 def with_margin(cert: Certificate, delta: float, sigma: float) -> Certificate:

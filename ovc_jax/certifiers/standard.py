@@ -9,11 +9,14 @@ CERTIFY(f, sigma, x, n0, n, alpha):
 
 The draws come from `ovc_jax.sampler`, the last lines from
 `ovc_jax.certificates`; both are shared with the other three certifiers.
+`certification_counts` (the draws' counts, traceable) is this certifier's
+part of the traceable core (`ovc_jax.certifiers.core`); `certify` is it
+followed by scipy's bounds on the host.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -21,12 +24,50 @@ from scipy import stats
 
 from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
+from ovc_jax.certificates import ABSTAIN, Certificate, Counts, SmoothingParams
 from ovc_jax.errors import ConfigError
 
 
-def certify_many(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-                 key: jax.Array, smoothing: SmoothingParams, *,
+def _check_smoothing(smoothing: Any) -> None:
+  if not isinstance(smoothing, SmoothingParams):
+    raise ConfigError(f"smoothing must be a SmoothingParams; got "
+                      f"{type(smoothing).__name__}")
+
+
+def certification_draws(key: jax.Array, apply_fn: sampler.ApplyFn,
+                        params: Any, x: jax.Array, smoothing: SmoothingParams,
+                        *, outputs: Sequence[str] = ("counts",),
+                        num_classes: int | None = None,
+                        mesh=None) -> sampler.Draws:
+  """CERTIFY's n0 selection and n estimation draws of one input (traceable).
+
+  The sampler's outputs (see `ovc_jax.sampler.sample_under_noise`) on the
+  input's "selection" and "estimation" key streams. Pure in the key and the
+  params: it can be jit-ed, vmap-ed over inputs and keys, and sharded over a
+  batch axis (docs/JAX.md); x is validated on the host when concrete.
+  """
+  _check_smoothing(smoothing)
+  x = sampler.check_input(x)
+  return sampler.sample_certification_draws(
+      apply_fn, params, x, key, sigma=smoothing.sigma,
+      num_classes=sampler.num_classes_of(apply_fn, params, num_classes),
+      n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
+      outputs=tuple(outputs), mesh=mesh)
+
+
+def certification_counts(key: jax.Array, apply_fn: sampler.ApplyFn,
+                         params: Any, x: jax.Array, smoothing: SmoothingParams,
+                         *, num_classes: int | None = None,
+                         mesh=None) -> Counts:
+  """CERTIFY's selection and estimation counts of one input (traceable):
+  int32 `[C]` each (`[P, C]` for P classifiers on the same noise)."""
+  draws = certification_draws(key, apply_fn, params, x, smoothing,
+                              num_classes=num_classes, mesh=mesh)
+  return Counts(draws.selection["counts"], draws.estimation["counts"])
+
+
+def certify_many(key: jax.Array, apply_fn: sampler.ApplyFn, params: Any,
+                 x: jax.Array, smoothing: SmoothingParams, *,
                  num_classes: int | None = None,
                  mesh=None) -> list[Certificate]:
   """CERTIFY for P classifiers evaluated on the same noise (predictions [B, P]).
@@ -34,37 +75,35 @@ def certify_many(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
   Each certificate equals what `certify` gives for that classifier alone with
   the same key; the encoder runs once per noise sample for all P.
   """
-  x = sampler.check_input(x)
-  draws = sampler.sample_certification_draws(
-      apply_fn, params, x, key, sigma=smoothing.sigma,
-      num_classes=sampler.num_classes_of(apply_fn, params, num_classes),
-      n0=smoothing.n0, n=smoothing.n, batch_size=smoothing.batch_size,
-      mesh=mesh)
+  counts = certification_counts(key, apply_fn, params, x, smoothing,
+                                num_classes=num_classes, mesh=mesh)
   return certificates.certificates_from_counts(
-      draws.selection["counts"], draws.estimation["counts"], n=smoothing.n,
+      counts.selection, counts.estimation, n=smoothing.n,
       sigma=smoothing.sigma, alpha=smoothing.alpha)
 
 
-def certify(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-            key: jax.Array, smoothing: SmoothingParams, *,
+def certify(key: jax.Array, apply_fn: sampler.ApplyFn, params: Any,
+            x: jax.Array, smoothing: SmoothingParams, *,
             num_classes: int | None = None, mesh=None) -> Certificate:
   """Cohen et al.'s CERTIFY for one base classifier.
 
   Args:
+    key: the input's noise key.
     apply_fn: the base classifier (see `ovc_jax.sampler.ApplyFn`), whose
       predictions are `[B]`.
     params: its parameters.
     x: the input; noise of its shape is added.
-    key: the input's noise key.
     smoothing: sigma, n0, n, alpha and the batch size.
     num_classes: C; by default the classifier's own count (see
       `ovc_jax.sampler.num_classes_of`).
     mesh: optional device mesh over the sample axis.
 
   Returns:
-    `Certificate(prediction or ABSTAIN, radius, pA_lower, counts)`.
+    `Certificate(prediction or ABSTAIN, radius, pA_lower, counts)`, with
+    scipy's bounds, on the host. Its traceable twin is
+    `ovc_jax.certifiers.core.certify`.
   """
-  certs = certify_many(apply_fn, params, x, key, smoothing,
+  certs = certify_many(key, apply_fn, params, x, smoothing,
                        num_classes=num_classes, mesh=mesh)
   if len(certs) != 1 or np.ndim(certs[0].counts) != 1:
     raise ConfigError("certify takes one classifier; use certify_many for "
@@ -72,8 +111,8 @@ def certify(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
   return certs[0]
 
 
-def predict(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
-            key: jax.Array, smoothing: SmoothingParams, *,
+def predict(key: jax.Array, apply_fn: sampler.ApplyFn, params: Any,
+            x: jax.Array, smoothing: SmoothingParams, *,
             num_classes: int | None = None, mesh=None) -> int:
   """Cohen et al.'s PREDICT with smoothing.n draws: the top class, or ABSTAIN.
 
@@ -82,6 +121,7 @@ def predict(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
   probability of returning a class other than g(x) is at most alpha.
   (smoothing.n0 is not used.)
   """
+  _check_smoothing(smoothing)
   x = sampler.check_input(x)
   counts = np.asarray(jax.device_get(sampler.sample_under_noise(
       apply_fn, params, x, sampler.stream_key(key, "prediction"),
