@@ -57,7 +57,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 _BARRIER_TIMEOUT = flags.DEFINE_float(
     "barrier_timeout", 24 * 3600.0,
     "With --distributed: seconds process 0 waits for the others before "
-    "merging (then `python -m experiments.merge` merges later).")
+    "merging (then `python -m experiments.merge` merges later); also bounds, "
+    "up to 300 s, how long a process waits for the coordinator at start.")
+# JAX's own default wait for the coordinator at start.
+_START_TIMEOUT_S = 300.0
 
 
 @common.exit_on_user_error
@@ -74,8 +77,12 @@ def main(argv) -> None:
     setup, summary = certify_job.run(_CONFIG.value, _WORKDIR.value)
     certify_job.print_report(setup, summary)
     return
-  process = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                   _PROCESS_ID.value)
+  if not _BARRIER_TIMEOUT.value > 0:
+    raise app.UsageError(f"--barrier_timeout must be > 0 seconds; got "
+                         f"{_BARRIER_TIMEOUT.value:g}")
+  process = distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      initialization_timeout=min(_START_TIMEOUT_S, _BARRIER_TIMEOUT.value))
   if not process.is_distributed:
     # One process after all: the plain run, its files exactly as ever.
     setup, summary = certify_job.run(_CONFIG.value, _WORKDIR.value)

@@ -237,15 +237,22 @@ def draw_map(values: np.ndarray, kmax: int, path: str, title: str,
   common.save_figure(fig, path)
 
 
-def band_means(values: np.ndarray, kmax: int) -> dict[str, float]:
-  """Mean over low (max |k| <= K/3), middle and high (> 2K/3) frequencies."""
+BAND_NOTE = ("null: no frequency of this map lies in that band (with K = "
+             "max_frequency below 3 the bands cannot all be filled)")
+
+
+def band_means(values: np.ndarray, kmax: int) -> dict[str, float | None]:
+  """Mean over low (max |k| <= K/3), middle and high (> 2K/3) frequencies;
+  None for a band no frequency of the map falls in (K = 1 has no middle
+  band): JSON's null, where NaN would not be valid JSON."""
   ky, kx = np.meshgrid(np.arange(-kmax, kmax + 1), np.arange(-kmax, kmax + 1),
                        indexing="ij")
   radius = np.maximum(np.abs(ky), np.abs(kx))
   bands = {"low": radius <= kmax / 3,
            "middle": (radius > kmax / 3) & (radius <= 2 * kmax / 3),
            "high": radius > 2 * kmax / 3}
-  return {name: float(np.mean(values[mask])) for name, mask in bands.items()}
+  return {name: float(np.mean(values[mask])) if mask.any() else None
+          for name, mask in bands.items()}
 
 
 def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
@@ -258,7 +265,11 @@ def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
   kmax = setup.max_frequency
   freqs = fourier.map_frequencies(height, width, kmax)
   clean_id = fourier.clean_index(height, width)
-  journal = common.ResumableRun(workdir, config.to_dict())
+  # The weights' hashes are recorded and checked on a resume, as certify and
+  # attack do: a map of two models' frequencies is refused.
+  journal = common.ResumableRun(
+      workdir, config.to_dict(),
+      weights=certify_job.weights_hashes(setup.loaded))
   tsv = os.path.join(workdir, "frequencies.tsv")
   journal.prepare({tsv: HEADER})
   batches = fourier.image_batches(setup.images, setup.labels,
@@ -343,6 +354,8 @@ def write_outputs(setup: Setup, tsv: str, height: int, width: int) -> dict:
         "max": float(np.nanmax(centred)),
         "argmax_ky_kx": [int(top[0]) - kmax, int(top[1]) - kmax],
         "band_means": band_means(centred, kmax),
+        **({"band_means_note": BAND_NOTE}
+           if None in band_means(centred, kmax).values() else {}),
         "files": {"npy": f"{name}_map.npy", "csv": f"{name}_map.csv",
                   "png": f"{name}_map.png",
                   "half_plane": f"{name}_half_plane.npy"},
@@ -350,6 +363,7 @@ def write_outputs(setup: Setup, tsv: str, height: int, width: int) -> dict:
     outputs[name] = png
   return {
       "model": {"name": model, "fingerprint": setup.loaded.fingerprint,
+                "weights": certify_job.weights_hashes(setup.loaded),
                 "note": MODEL_NOTE if config.backbone == "toy" else
                         f"weights loaded from {config.backbone}"},
       "dataset": config.dataset,
@@ -378,7 +392,8 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
     w(f"{name} rate: clean {entry['clean_rate']:.3f}; map mean "
       f"{entry['mean']:.3f}, max {entry['max']:.3f} at (ky, kx) = "
       f"{tuple(entry['argmax_ky_kx'])}; low/middle/high frequencies "
-      f"{bands['low']:.3f} / {bands['middle']:.3f} / {bands['high']:.3f}\n")
+      + " / ".join("none" if bands[b] is None else f"{bands[b]:.3f}"
+                   for b in ("low", "middle", "high")) + "\n")
   w(f"wall time of this process: {summary['seconds']['this_process']:.1f} s\n")
   w(f"results: {setup.workdir}/summary.json, frequencies.tsv, "
     + ", ".join(f"{n}_map.{{npy,csv,png}}" for n in summary["maps"]) + "\n")

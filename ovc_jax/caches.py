@@ -32,6 +32,7 @@ written by a buggy caller) from a true one; for embedding caches
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -154,7 +155,7 @@ def save_cache(directory: str, kind: str, provenance: Provenance,
     entries, total = {}, 0
     for name, value in arrays.items():
       arr = np.ascontiguousarray(jax.device_get(value))
-      np.save(os.path.join(tmp, f"{name}.npy"), arr, allow_pickle=False)
+      _save_array(os.path.join(tmp, f"{name}.npy"), arr, directory)
       entries[name] = {"shape": list(arr.shape), "dtype": arr.dtype.str,
                        "crc32": _crc32(arr)}
       total += arr.nbytes
@@ -173,6 +174,23 @@ def save_cache(directory: str, kind: str, provenance: Provenance,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return total
+
+
+def _save_array(path: str, arr: np.ndarray, directory: str) -> None:
+  """np.save, with a short write reported as the full disk it is.
+
+  NumPy reports a short write as "N requested and M written", an OSError
+  without errno; the file system only writes short when it is out of space
+  (or quota).
+  """
+  try:
+    np.save(path, arr, allow_pickle=False)
+  except OSError as e:
+    if e.errno is None and "requested and" in str(e):
+      raise OSError(errno.ENOSPC,
+                    f"{os.strerror(errno.ENOSPC)} (a short write: {e})",
+                    directory) from e
+    raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,27 @@ def _negative_cosine(z: jax.Array, blank: jax.Array) -> jax.Array:
   return -dots / (_safe_norm(z)[..., 0] * _safe_norm(blank)[0])
 
 
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_blank(blank: Any) -> None:
+  """Raises InputError for a blank that has no direction: NaN, infinite or
+  zero. Checked on the host, and only for a concrete array: under jit the
+  blank is a tracer and `purify` guards in the graph instead."""
+  if _is_traced(blank):
+    return
+  b = np.asarray(jax.device_get(blank), np.float64)
+  if b.ndim != 1 or b.size == 0:
+    return  # purify names the shape
+  if not np.all(np.isfinite(b)):
+    raise InputError("the blank embedding holds NaN or infinite values: it "
+                     "has no direction to purify towards")
+  if not np.any(b != 0):
+    raise InputError("the blank embedding is zero: it has no direction to "
+                     "purify towards")
+
+
 def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
            step_size: float = DEFAULT_STEP_SIZE) -> jax.Array:
   """CLIPure-Cos purification of image embeddings (jittable, differentiable).
@@ -116,25 +137,34 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
     `[B, d]` purified embeddings, ||output_i|| = ||z_i||, float32 (float64
     for float64 z, with x64 enabled). A row with ||g|| below
     GRADIENT_TOLERANCE (z parallel to the blank) is not moved by that step; a
-    zero row stays zero.
+    zero row stays zero. A row with a NaN or infinite entry comes out all NaN
+    (a classifier counts it for no class, as it would the row unpurified),
+    and so does every row when a traced blank is NaN, infinite or zero.
 
   Raises:
     ConfigError: steps or step_size out of range.
-    InputError: shapes that are not [B, d] and [d] of the same d.
+    InputError: shapes that are not [B, d] and [d] of the same d; a concrete
+      blank that is NaN, infinite or zero (not checked under tracing).
   """
   check_purification_args(steps=steps, step_size=step_size)
+  check_blank(blank)
   z = jnp.asarray(z)
   z = z if z.dtype == jnp.float64 else z.astype(jnp.float32)
   blank = jnp.asarray(blank).astype(z.dtype)
   if z.ndim != 2 or blank.ndim != 1 or z.shape[-1] != blank.shape[-1]:
     raise InputError(f"purify takes embeddings [B, d] and a blank [d]; got "
                      f"{z.shape} and {blank.shape}")
+  # In the graph, so that it holds under jit too: a non-finite row (or a
+  # blank without direction) must count for no class, never for class 0.
+  finite = jnp.all(jnp.isfinite(z), axis=-1, keepdims=True)
+  finite &= jnp.all(jnp.isfinite(blank)) & jnp.any(blank != 0)
   if not steps:
-    return z
-  # Zero rows are purified as ones and zeroed again, so that neither the
-  # result nor its gradient sees a 0 / 0.
-  nonzero = jnp.sum(z * z, axis=-1, keepdims=True) > 0
-  z_safe = jnp.where(nonzero, z, 1.0)
+    return jnp.where(finite, z, jnp.nan)
+  # Zero and non-finite rows are purified as ones and replaced again, so
+  # that neither the result nor its gradient sees a 0 / 0 or a NaN.
+  nonzero = jnp.sum(jnp.where(finite, z * z, 0.0), axis=-1, keepdims=True) > 0
+  usable = nonzero & finite
+  z_safe = jnp.where(usable, z, 1.0)
   r = _safe_norm(z_safe)
   u = z_safe / r
   # The rows of the summed loss are independent: its gradient is each row's own.
@@ -149,7 +179,7 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
     return u / _safe_norm(u), None
 
   u, _ = jax.lax.scan(step, u, None, length=int(steps))
-  return jnp.where(nonzero, r * u, 0.0)
+  return jnp.where(finite, jnp.where(nonzero, r * u, 0.0), jnp.nan)
 
 
 def _has_text_tower(loaded: Any) -> bool:
@@ -208,7 +238,12 @@ def blank_embedding(loaded: Any,
 
 def purified_encoder_params(encoder_params: Any,
                             blank: jax.Array) -> dict[str, Any]:
-  """`PurifiedEncoder`'s params: the wrapped encoder's and the blank [d]."""
+  """`PurifiedEncoder`'s params: the wrapped encoder's and the blank [d].
+
+  Raises:
+    InputError: a concrete blank that is NaN, infinite or zero.
+  """
+  check_blank(blank)
   return {"encoder": encoder_params, "blank": jnp.asarray(blank, jnp.float32)}
 
 

@@ -157,6 +157,25 @@ def check_images(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
   return arr, lab.astype(np.int64)
 
 
+def check_labels(labels: np.ndarray, num_classes: int | None) -> None:
+  """Raises InputError for a label outside [0, num_classes) (below 0 only,
+  when num_classes is None): no prediction could ever match it."""
+  labels = np.asarray(labels)
+  if labels.size and labels.min() < 0:
+    raise InputError(f"labels must be >= 0; got {int(labels.min())}")
+  if num_classes is not None and labels.size and labels.max() >= num_classes:
+    raise InputError(
+        f"labels must lie in [0, {num_classes - 1}] for a classifier of "
+        f"{num_classes} classes; got {int(labels.max())}: its error rate "
+        "would be 1 at every frequency")
+
+
+def classifier_classes(classifier: Any) -> int | None:
+  """C of a classifier that knows it (`num_classes`), else None."""
+  c = getattr(classifier, "num_classes", None)
+  return None if c is None else int(c)
+
+
 def check_batch_size(batch_size: Any) -> int:
   if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
       or batch_size < 1):
@@ -220,12 +239,31 @@ def clean_index(height: int, width: int) -> int:
   return height * (width // 2 + 1)
 
 
+def check_frequency(k: Any, l: Any, height: int, width: int) -> None:
+  """Raises ConfigError unless (k, l) is an entry of the (H, W//2 + 1)
+  half-plane. Concrete values only: traced ones are not checked."""
+  if isinstance(k, jax.core.Tracer) or isinstance(l, jax.core.Tracer):
+    return
+  for v in (k, l):
+    if np.ndim(v) != 0 or not np.issubdtype(np.asarray(v).dtype, np.integer):
+      raise ConfigError(f"a frequency (k, l) must be two integers; got "
+                        f"{(k, l)!r}")
+  if not (0 <= int(k) < height and 0 <= int(l) <= width // 2):
+    raise ConfigError(f"frequency {(int(k), int(l))} is outside the {height}x"
+                      f"{width // 2 + 1} half-plane of {height}x{width} "
+                      f"images: k must lie in [0, {height - 1}], l in "
+                      f"[0, {width // 2}]")
+
+
 def basis_image(height: int, width: int, k, l) -> jax.Array:
   """U_kl: float32 [H, W], real, unit L2 norm (see the module docstring).
 
   Jittable in (k, l): a one-hot on the (H, W//2 + 1) half-plane, irfft2 to
-  (H, W), divided by its L2 norm.
+  (H, W), divided by its L2 norm. Concrete (k, l) outside the half-plane
+  raise ConfigError (a traced one would give an all-NaN image, so the
+  callers check first).
   """
+  check_frequency(k, l, height, width)
   spectrum = jnp.zeros((height, width // 2 + 1), jnp.float32).at[k, l].set(1.0)
   image = jnp.fft.irfft2(spectrum, s=(height, width)).astype(jnp.float32)
   return image / jnp.linalg.norm(image)
@@ -391,6 +429,8 @@ class PlainClassifier:
   """
 
   apply_fn: Callable[[Any, jax.Array], Any]
+  # C, when known: labels are checked against it (None: not checked).
+  num_classes: int | None = None
 
   keyed = False
 
@@ -410,11 +450,24 @@ def predict_from_counts(counts: Any, alpha: float) -> np.ndarray:
   The rule and arithmetic of `standard.predict`: the top two counts nA, nB
   (ties to the lower class index), SciPy's two-sided binomial test at p = 0.5,
   which for p = 0.5 is min(1, cdf(nB; nA + nB) + sf(nA - 1; nA + nB)) and 1
-  when nA == nB; the top class where p <= alpha, else ABSTAIN.
+  when nA == nB; the top class where p <= alpha, else ABSTAIN. A tie of the
+  top two counts (nA == nB, no draws at all included) always ABSTAINs: its p
+  is 1, above any alpha in (0, 1), and the lower index is never returned.
+
+  Raises:
+    ConfigError: alpha outside (0, 1).
+    InputError: counts not [B, C] non-negative integers.
   """
-  counts = np.asarray(counts, np.int64)
-  if counts.ndim != 2:
-    raise InputError(f"counts must be [B, C]; got shape {counts.shape}")
+  if not _is_real(alpha) or not 0.0 < alpha < 1.0:
+    raise ConfigError(f"PREDICT's alpha must lie in (0, 1); got {alpha!r}")
+  raw = np.asarray(counts)
+  if raw.ndim != 2 or not (np.issubdtype(raw.dtype, np.integer)
+                           or raw.dtype == bool):
+    raise InputError(f"counts must be integers [B, C]; got {raw.dtype} shape "
+                     f"{raw.shape}")
+  counts = raw.astype(np.int64)
+  if counts.size and counts.min() < 0:
+    raise InputError("counts must be >= 0")
   rows = np.arange(counts.shape[0])
   order = np.argsort(-counts, axis=1, kind="stable")
   n_a = counts[rows, order[:, 0]]
@@ -425,7 +478,7 @@ def predict_from_counts(counts: Any, alpha: float) -> np.ndarray:
   with np.errstate(all="ignore"):
     p = stats.binom.cdf(n_b, safe, 0.5) + stats.binom.sf(n_a - 1, safe, 0.5)
   p = np.where(n_a == n_b, 1.0, np.minimum(1.0, p))
-  decided = (total > 0) & (p <= alpha)
+  decided = (n_a > n_b) & (p <= alpha)
   return np.where(decided, order[:, 0], ABSTAIN).astype(np.int64)
 
 
@@ -490,7 +543,7 @@ def zeroshot_classifier(loaded, template: str, class_names: Sequence[str]):
                              preprocess=loaded.preprocess)
   params = base.params(loaded.params,
                        zeroshot.class_embeddings(loaded, template, class_names))
-  return PlainClassifier(base), params
+  return PlainClassifier(base, len(class_names)), params
 
 
 CLIPURE_API = ("PurifiedEncoder", "purified_encoder_params", "blank_embedding")
@@ -530,7 +583,7 @@ def clipure_classifier(loaded, template: str, class_names: Sequence[str],
       loaded.params, clipure.blank_embedding(loaded, list(templates)))
   params = base.params(encoder_params,
                        zeroshot.class_embeddings(loaded, template, class_names))
-  return PlainClassifier(base), params
+  return PlainClassifier(base, len(class_names)), params
 
 
 def smoothed_classifier(plain: PlainClassifier, params, *, num_classes: int,
@@ -634,11 +687,11 @@ def evaluate(classifier, params, batches: ImageBatches, key: jax.Array,
     k, l, perturbed, v = 0, 0, False, 0.0
   else:
     v = check_v(v)
-    k, l = (int(f) for f in frequency)
-    if not (0 <= k < height and 0 <= l <= width // 2):
-      raise ConfigError(f"frequency {(k, l)} is outside the {height}x"
-                        f"{width // 2 + 1} half-plane")
+    k, l = frequency
+    check_frequency(k, l, height, width)
+    k, l = int(k), int(l)
     perturbed = True
+  check_labels(batches.labels, classifier_classes(classifier))
   out = _outputs(classifier, params, batches.images, batches.indices, key,
                  jnp.int32(k), jnp.int32(l), jnp.float32(v),
                  jnp.asarray(perturbed))
@@ -693,6 +746,7 @@ def fourier_heatmap(classifier, params, images: Any, labels: Any,
   """
   v = check_v(v)
   batches = image_batches(images, labels, batch_size, image_indices)
+  check_labels(batches.labels, classifier_classes(classifier))
   height, width = batches.images.shape[-3:-1]
   kmax = check_max_frequency(max_frequency, height, width)
   todo = (map_frequencies(height, width, kmax) if frequencies is None

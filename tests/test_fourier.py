@@ -1,7 +1,9 @@
 """Fourier heat maps (ovc_jax.fourier) and their experiment's entry point."""
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -322,3 +324,53 @@ def test_experiment_quick_writes_maps_and_resumes(tmp_path):
     assert f.read() == first
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "error_map.npy")),
                                 centred)
+
+
+def _strict_json(path):
+  """json.load that refuses NaN and Infinity (not JSON)."""
+  def refuse(name):
+    raise ValueError(f"{name} in {path}: not valid JSON")
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
+def test_resume_with_other_weights_is_refused_and_k1_summary_is_json(tmp_path):
+  """In process (compiled once): max_frequency = 1 leaves the middle band
+  empty, which is null in summary.json (NaN is not JSON); a resume after a
+  kill with other weights is refused, as certify and attack refuse it."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import fourier_heatmap as fh  # pylint: disable=g-import-not-at-top
+  from experiments.configs import fourier_heatmap as fh_config  # pylint: disable=g-import-not-at-top
+  from ovc_jax.models import weights_io  # pylint: disable=g-import-not-at-top
+  model = tmp_path / "model"
+  shutil.copytree(os.path.join(REPO, "checkpoints", "toy_clip"), model)
+  os.remove(model / "model.safetensors.sha256")  # the copy is edited below
+  config = fh_config.get_config("quick")
+  config.backbone, config.max_frequency, config.num_images = str(model), 1, 4
+  workdir = str(tmp_path / "w")
+  fh.run(config, workdir, stream=io.StringIO())
+  summary = _strict_json(os.path.join(workdir, "summary.json"))
+  bands = summary["maps"]["error"]["band_means"]
+  assert bands["middle"] is None and bands["low"] is not None
+  assert "null" in summary["maps"]["error"]["band_means_note"]
+  old = weights_io.file_sha256(str(model / "model.safetensors"))
+  assert summary["model"]["weights"]["sha256"] == old
+  tsv = os.path.join(workdir, "frequencies.tsv")
+  with open(tsv) as f:
+    rows = f.read().splitlines()
+  with open(os.path.join(workdir, "done.txt")) as f:
+    done = f.read().splitlines()
+  with open(os.path.join(workdir, "done.txt"), "w") as f:
+    f.write(done[0] + "\n")  # as if killed after the clean pass
+  weights = weights_io.read_safetensors(str(model / "model.safetensors"))
+  name = sorted(weights)[0]
+  weights[name] = weights[name] + np.float32(1e-3)
+  weights_io.write_safetensors(weights, str(model / "model.safetensors"))
+  new = weights_io.file_sha256(str(model / "model.safetensors"))
+  with pytest.raises(common.WorkdirError) as e:
+    fh.run(config, workdir, stream=io.StringIO())
+  message = str(e.value)
+  assert "other model weights" in message and old in message and new in message
+  assert "\n" not in message
+  with open(tsv) as f:
+    assert f.read().splitlines() == rows  # nothing written

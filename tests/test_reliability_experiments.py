@@ -660,3 +660,100 @@ def test_user_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith(fragment) and err.count("\n") == 1, err
   assert issubclass(common.WorkdirError, OVCError)
+
+
+# ---------------------------------------------------------------------------
+# CLIPure-Cos flags, calibration's caches and a cache on a full disk
+
+
+@pytest.mark.parametrize("value", ["none", "clipure", "CLIPURE_COS", "yes"])
+def test_purify_values_are_checked(value):
+  with pytest.raises(ConfigError) as e:
+    certify_job.validate(tiny_config(purify=value))
+  message = str(e.value)
+  assert message == (
+      "--config.purify must be '' (plain CLIP only) or 'clipure_cos' "
+      "(CLIPure-Cos beside plain CLIP; variant clipure); got " f"{value!r}")
+
+
+def test_clipure_single_cached_from_a_cache_dir_finishes(reference, tmp_path):
+  """clipure,cached reads caches an earlier run left in --config.cache_dir;
+  its comparison figure used to look for a standard-RS table that single
+  mode does not write, so no summary.json was ever written."""
+  del reference  # compiled
+  clip = {"purify": "clipure_cos", "clipure.steps": 1,
+          "clipure.step_size": 0.1, "max": 800, "mode": "single"}
+  first = tmp_path / "first"
+  certify(tiny_config(method="standard", **clip), first)  # leaves caches
+  summary, _ = certify(tiny_config(
+      method="cached", cache_dir=str(first / "caches"), **clip),
+                       tmp_path / "second")
+  assert (tmp_path / "second" / "summary.json").exists()
+  assert os.path.getsize(summary["comparison_figure"]) > 0
+  rows = tsv_rows(tmp_path / "second")
+  assert {p.split(os.sep)[1] for p in rows} == {"cached", "clipure_cos"}
+  # Cached-OVC is standard RS, bit for bit, on each base classifier.
+  for path, table in tsv_rows(first).items():
+    cached = rows[path.replace(os.sep + "standard" + os.sep,
+                               os.sep + "cached" + os.sep)]
+    predict_radius = lambda t: [(r[2], r[3]) for r in t]  # pylint: disable=unnecessary-lambda-assignment
+    assert predict_radius(cached) == predict_radius(table)
+
+
+def _forge_embeddings(directory):
+  """Rolls a cache's estimation rows by one and rewrites its CRC and
+  checksum: a consistent forgery only regeneration can tell."""
+  from ovc_jax import caches  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, "estimation.npy")
+  arr = np.roll(np.load(path), 1, axis=0)
+  np.save(path, arr)
+  with open(os.path.join(directory, "metadata.json")) as f:
+    meta = json.load(f)
+  meta["arrays"]["estimation"]["crc32"] = caches._crc32(arr)  # pylint: disable=protected-access
+  meta["checksum"] = caches.metadata_checksum(meta)
+  with open(os.path.join(directory, "metadata.json"), "w") as f:
+    json.dump(meta, f)
+
+
+def test_calibration_regenerates_samples_of_the_caches_it_reads(reference,
+                                                                tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  cache = os.path.join(workdir, "caches", "sigma_0.25", "400", "embeddings")
+  _forge_embeddings(cache)
+  with pytest.raises(OVCError) as e:
+    calibrate_mvn.run(workdir)
+  message = str(e.value)
+  assert f"cache {cache}" in message and "\n" not in message, message
+  assert not os.path.exists(os.path.join(workdir, "calibration.json"))
+
+
+def test_a_short_cache_write_says_the_disk_is_full(reference, tmp_path,
+                                                   monkeypatch):
+  """NumPy reports a full disk during np.save as 'N requested and M
+  written', without errno; the message must say the disk is full, where."""
+  workdir = tmp_path / "w"
+  real_save = np.save
+
+  def save(path, arr, *args, **kwargs):
+    # The caches of the second input (400), once the first is done.
+    if ".tmp-cache-" in str(path) and (workdir / "done.txt").exists():
+      raise OSError("4096 requested and 4064 written")
+    return real_save(path, arr, *args, **kwargs)
+
+  monkeypatch.setattr(np, "save", save)
+  with pytest.raises(common.WorkdirError) as e:
+    certify(tiny_config(), workdir)
+  message = str(e.value)
+  assert message.startswith("the disk is full: no space left on device"), (
+      message)
+  assert os.path.join(str(workdir), "caches", "sigma_0.25", "400") in message
+  assert (workdir / "done.txt").read_text() == "0\n"
+  assert empty_folders(workdir) == []
+  monkeypatch.undo()  # space freed
+  certify(tiny_config(), workdir)
+  assert tsv_rows(workdir) == tsv_rows(reference)
+  # A short write elsewhere (NumPy's wording, no errno) reads the same.
+  assert common.os_error_message(
+      OSError("4096 requested and 10 written"), "/x/y").startswith(
+          "the disk is full: no space left on device (/x/y)")

@@ -9,11 +9,16 @@ numbers"): each test here fails on the code before them.
   3. Counts that sum to less than n are bounded with n draws.
   5. A corrupted weights file, or one with another sha256 than the user
      gives, is refused.
+  6. CLIPure-Cos keeps a non-finite embedding non-finite (no class) and
+     refuses a blank without direction; the Fourier heat map's library
+     refuses a frequency off the half-plane, alpha outside (0, 1) and labels
+     no class can match, and abstains on a tie.
 (4, the cache checksum and regeneration check, is in tests/test_cached_ovc.py
 and tests/test_ovc.py; the JAX bounds' direction in tests/test_bounds.py.)
 """
 
 import dataclasses
+import functools
 import os
 import shutil
 
@@ -25,6 +30,8 @@ import pytest
 from ovc_jax import bounds
 from ovc_jax import certificates
 from ovc_jax import classifiers
+from ovc_jax import clipure
+from ovc_jax import fourier
 from ovc_jax import ovc
 from ovc_jax import sampler
 from ovc_jax.certificates import ABSTAIN, SmoothingParams
@@ -360,3 +367,111 @@ def test_written_weights_record_their_sha256(tmp_path):
   weights_io.write_safetensors({"a": np.arange(6, dtype=np.float32)}, path)
   assert weights_io.read_sha256_file(path + ".sha256") == (
       weights_io.file_sha256(path))
+
+
+# ---------------------------------------------------------------------------
+# 6. CLIPure-Cos and the Fourier heat map: bad numbers and bad arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class NaNEncoder:
+  """Every input embeds as NaN (a bfloat16 overflow on every sample)."""
+
+  def __call__(self, params, inputs):
+    del params
+    return jnp.full((inputs.shape[0], 2), jnp.nan, jnp.float32)
+
+
+def test_purification_keeps_a_non_finite_embedding_non_finite():
+  blank = jnp.asarray([0.0, 1.0], jnp.float32)
+  z = jnp.asarray([[1.0, 0.2], [np.nan, 1.0], [np.inf, 0.0], [0.0, 0.0]])
+  for purify in (clipure.purify,
+                 jax.jit(functools.partial(clipure.purify, steps=10))):
+    out = np.asarray(purify(z, blank))
+    assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1:3]))
+    np.testing.assert_array_equal(out[3], [0.0, 0.0])  # a zero row stays zero
+    np.testing.assert_array_equal(
+        classifiers.predict_from_embeddings(out, GLITCH_U), [0, -1, -1, 0])
+
+
+def test_a_purified_classifier_abstains_where_every_sample_is_nan():
+  """It used to purify NaN to a zero row, which voted for class 0, and to
+  certify class 0 where plain CLIP abstains."""
+  blank = jnp.asarray([1.0, 0.3], jnp.float32)
+  plain = EmbeddingClassifier(NaNEncoder(), normalize=True)
+  purified = EmbeddingClassifier(clipure.PurifiedEncoder(NaNEncoder()),
+                                 normalize=True)
+  s = SmoothingParams(sigma=0.5, n0=20, n=100, alpha=0.001, batch_size=64)
+  for classifier, encoder_params in (
+      (plain, {}), (purified, clipure.purified_encoder_params({}, blank))):
+    cert = standard.certify(classifier,
+                            classifier.params(encoder_params, GLITCH_U),
+                            GLITCH_X, KEY, s)
+    assert cert.prediction == ABSTAIN and cert.radius == 0.0
+    assert cert.counts.sum() == 0
+
+
+@pytest.mark.parametrize("blank", [[np.nan, 1.0], [np.inf, 0.0], [0.0, 0.0]])
+def test_purify_refuses_a_blank_without_direction(blank):
+  z = jnp.asarray([[1.0, 0.2], [0.3, 1.0]], jnp.float32)
+  blank = np.asarray(blank, np.float32)
+  with pytest.raises(InputError, match="blank embedding"):
+    clipure.purify(z, blank)
+  with pytest.raises(InputError, match="blank embedding"):
+    clipure.purified_encoder_params({}, blank)
+  # Under jit the value cannot be checked on the host: every row comes out
+  # NaN (no class), never unpurified.
+  out = jax.jit(lambda zz, bb: clipure.purify(zz, bb, steps=3))(z, blank)
+  assert np.all(np.isnan(np.asarray(out)))
+
+
+def test_basis_image_refuses_a_frequency_outside_the_half_plane():
+  with pytest.raises(ConfigError, match=r"frequency \(40, 3\) is outside the "
+                     r"32x17 half-plane.*k must lie in \[0, 31\], l in "
+                     r"\[0, 16\]"):
+    fourier.basis_image(32, 32, 40, 3)
+  with pytest.raises(ConfigError, match="outside"):
+    fourier.basis_image(32, 32, 3, 17)
+  with pytest.raises(ConfigError, match="outside"):
+    fourier.basis_image(32, 32, -1, 0)
+  image = np.asarray(fourier.basis_image(32, 32, 31, 16))
+  assert np.all(np.isfinite(image))
+  np.testing.assert_allclose(np.linalg.norm(image), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.0, 0.0, -0.1, float("nan"), None])
+def test_predict_from_counts_refuses_alpha_outside_0_1(alpha):
+  with pytest.raises(ConfigError, match=r"alpha must lie in \(0, 1\)"):
+    fourier.predict_from_counts([[5, 5, 0]], alpha)
+
+
+def test_predict_from_counts_abstains_on_a_tie():
+  counts = [[5, 5, 0], [0, 7, 7], [0, 0, 0], [900, 2, 1], [3, 900, 900]]
+  for alpha in (0.001, 0.5, 0.999):
+    predictions = fourier.predict_from_counts(counts, alpha)
+    np.testing.assert_array_equal(predictions[[0, 1, 2, 4]], [ABSTAIN] * 4)
+    assert predictions[3] == 0
+  with pytest.raises(InputError, match=">= 0"):
+    fourier.predict_from_counts([[-1, 3]], 0.01)
+
+
+def test_fourier_heatmap_refuses_labels_the_classifier_cannot_predict():
+  base = EmbeddingClassifier(LinearEncoder(), normalize=False)
+  params = base.params({"A": jnp.eye(2, 4 * 4 * 3), "c": jnp.zeros(2)},
+                       GLITCH_U)
+  images = np.full((3, 4, 4, 3), 0.5, np.float32)
+  key = jax.random.key(0)
+  for classifier in (fourier.PlainClassifier(base, num_classes=2),
+                     fourier.SmoothedClassifier(base, num_classes=2, sigma=0.1,
+                                                n=8, alpha=0.01,
+                                                batch_size=8)):
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 1\] for a "
+                       r"classifier of 2 classes; got 5"):
+      fourier.fourier_heatmap(classifier, params, images, [0, 1, 5], key,
+                              v=1.0, max_frequency=1)
+    batches = fourier.image_batches(images, [0, 2, 1], 3)
+    with pytest.raises(InputError, match="got 2"):
+      fourier.evaluate(classifier, params, batches, key, (1, 1), 1.0)
+  with pytest.raises(InputError, match="labels must be >= 0"):
+    fourier.fourier_heatmap(fourier.PlainClassifier(base), params, images,
+                            [0, -1, 1], key, v=1.0, max_frequency=1)

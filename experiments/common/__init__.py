@@ -74,7 +74,10 @@ def os_error_message(e: OSError, path: str | None = None) -> str:
     workdir = _workdir_of(e)
     where = f"under {workdir}" if workdir else None
   at = f" ({where})" if where else ""
-  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+  # NumPy reports a short write (a full disk) without errno.
+  short_write = e.errno is None and re.search(r"\d+ requested and \d+ written",
+                                              str(e))
+  if e.errno in (errno.ENOSPC, errno.EDQUOT) or short_write:
     return (f"the disk is full: no space left on device{at}; free some space "
             "there (or use another --workdir) and run the same command again: "
             "finished work is kept")
@@ -639,14 +642,19 @@ def workdir_lock(workdir: str, flag: str = "--workdir"):
 # The workdir's record of its configuration
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+def first_difference(a: Any, b: Any,
+                     sides: tuple[str, str] = ("in the workdir", "now"),
+                     path: str = "") -> str | None:
+  """The first field where two JSON configs differ, as "field: A SIDE_A, B
+  SIDE_B", or None."""
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     for k in sorted(set(a) | set(b)):
-      diff = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+      diff = first_difference(a.get(k), b.get(k), sides,
+                              f"{path}.{k}" if path else k)
       if diff:
         return diff
     return None
-  return None if a == b else f"{path}: {a!r} in the workdir, {b!r} now"
+  return None if a == b else f"{path}: {a!r} {sides[0]}, {b!r} {sides[1]}"
 
 
 def check_workdir_config(workdir: str, config: Mapping[str, Any],
@@ -692,7 +700,7 @@ def check_workdir_config(workdir: str, config: Mapping[str, Any],
     raise ConfigError(f"{path} is corrupted (not a JSON object); use another "
                       "--workdir")
   recorded = previous.pop(WEIGHTS_KEY, None) or {}
-  diff = _first_difference(previous, config)
+  diff = first_difference(previous, config)
   if diff:
     raise ConfigError(
         f"workdir {workdir} holds {what} of a different configuration "

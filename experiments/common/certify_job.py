@@ -133,6 +133,11 @@ def validate(config) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"--config.dtype must be float32 or bfloat16; got "
                       f"{config.dtype!r}")
+  if config.purify not in PURIFICATIONS:
+    raise ConfigError(
+        f"--config.purify must be '' (plain CLIP only) or 'clipure_cos' "
+        f"(CLIPure-Cos beside plain CLIP; variant clipure); got "
+        f"{config.purify!r}")
   if config.get("download", False) and config.dataset != "cifar10":
     raise ConfigError(f"--config.download applies to cifar10 only; dataset "
                       f"{config.dataset!r} is read from --config.data_dir as "
@@ -791,25 +796,32 @@ def _run_locked(setup: Setup, journal_: common.ResumableRun,
   summary = summarize_run(setup)
   summary["config"] = config.to_dict()
   summary["recomputed_inputs"] = len(todo)
-  # The curves of every (method, sigma, known/novel) group; the table is
-  # print_report's, so the curves' copy of it is dropped.
-  summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
-  curves.draw(curves.workdir_groups(workdir), summary["figure"],
-              x_label=curves.axis_label(workdir), stream=io.StringIO(),
-              title=figure_title(setup))
-  if len(setup.base_classifiers) > 1:
-    summary["comparison_figure"] = draw_base_comparison(setup)
-  if config.mode == "sequential":
-    summary["sequential_figure"] = sequential_job.draw(
-        setup, sys.modules[__name__], summary["sequential"])
+  draw_figures(setup, summary)
   common.write_json(os.path.join(workdir, "summary.json"), summary)
   return setup, summary
 
 
+def draw_figures(setup: Setup, summary: dict) -> None:
+  """Draws every figure of a finished run and names each in `summary` (a
+  one-process run and a merged multi-process run alike)."""
+  # The curves of every (method, sigma, known/novel) group; the table is
+  # print_report's, so the curves' copy of it is dropped.
+  summary["figure"] = os.path.join(setup.workdir, "certified_accuracy.png")
+  curves.draw(curves.workdir_groups(setup.workdir), summary["figure"],
+              x_label=curves.axis_label(setup.workdir), stream=io.StringIO(),
+              title=figure_title(setup))
+  if len(setup.base_classifiers) > 1:
+    summary["comparison_figure"] = draw_base_comparison(setup)
+  if setup.config.mode == "sequential":
+    summary["sequential_figure"] = sequential_job.draw(
+        setup, sys.modules[__name__], summary["sequential"])
+
+
 def draw_base_comparison(setup: Setup) -> str:
   """Plain CLIP against CLIPure-Cos (same inputs, same keys), one panel per
-  sigma: standard RS on the known prompts (solid) and Cached-OVC from each
-  classifier's own caches on the novel prompts (dashed)."""
+  sigma: standard RS on the known prompts (solid; in single mode, the one
+  prompt by its method) and Cached-OVC from each classifier's own caches on
+  the novel prompts (dashed)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   c = setup.config
   top = 0.0
@@ -819,16 +831,19 @@ def draw_base_comparison(setup: Setup) -> str:
     for base, colour in zip((b.name for b in setup.base_classifiers),
                             ("tab:blue", "tab:orange")):
       label = setup.base(base).label
-      for role, method, style, prompts in (
-          ("known", "standard", "-", setup.known or [setup.single]),
-          ("novel", "cached", "--", setup.novel)):
+      # Single mode has one table per base classifier: its own method's.
+      first = (("known", "standard", "-", setup.known,
+                "standard RS, known prompts") if setup.known else
+               ("single", c.method, "-", [setup.single],
+                f"{METHOD_NAMES[c.method]}, {setup.single.template!r}"))
+      for role, method, style, prompts, name in (
+          first, ("novel", "cached", "--", setup.novel,
+                  "Cached-OVC, novel prompts")):
         if not prompts or (c.mode != "ovc" and role == "novel"):
           continue
         cols = [curves.read_results(tsv_path(setup, method, p, sigma, base))
                 for p in prompts]
         top = max([top] + [float(x["radius"].max()) for x in cols])
-        name = ("standard RS, known prompts" if role == "known" else
-                "Cached-OVC, novel prompts")
         lines.append((f"{label}: {name}", cols, colour, style))
     panels.append((sigma, lines))
   grid = np.linspace(0.0, max(top, 0.5) * 1.05, 200)

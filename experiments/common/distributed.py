@@ -21,11 +21,14 @@
             device collectives are needed, so it works on CPU, GPU and TPU
             alike. (`multihost_utils.sync_global_devices` also works on CPU
             here, through gloo, but waits without a timeout.)
-  merge     process 0 checks every part is complete, then writes the usual
+  merge     process 0 checks every part is of this run (its config.json,
+            the weights' hashes, the number of processes) and complete,
+            then writes the usual
             WORKDIR/tsv/<method>/sigma_<s>/<prompt>.tsv with rows in dataset
             index order (what a one-process run writes), WORKDIR/done.txt and
             WORKDIR/summary.json (with per-process seconds per input, the
-            wall time and the throughput). `python -m experiments.merge
+            wall time and the throughput) and every figure a one-process
+            run draws. `python -m experiments.merge
             --workdir=DIR` does the same later, for processes that finished
             at different times.
 
@@ -39,7 +42,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
+import re
+import socket
 import sys
 import time
 from typing import Iterable, Sequence
@@ -82,17 +88,77 @@ class ProcessInfo:
 # Starting up
 
 
+def parse_coordinator_address(address: str) -> tuple[str, int]:
+  """(host, port) of --coordinator_address HOST:PORT ([IPv6]:PORT too).
+
+  Raises:
+    ConfigError: not HOST:PORT, an empty host or a port outside [1, 65535].
+  """
+  text = str(address).strip()
+  host, sep, port = text.rpartition(":")
+  if host.startswith("[") and host.endswith("]"):
+    host = host[1:-1]
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise ConfigError(
+        f"--coordinator_address must be HOST:PORT with a port in [1, 65535] "
+        f"(e.g. 127.0.0.1:12355, process 0's host); got {address!r}")
+  try:
+    socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+  except (OSError, UnicodeError) as e:
+    raise ConfigError(f"--coordinator_address={address}: host {host!r} cannot "
+                      f"be resolved ({e}); give process 0's host name or IP "
+                      "address") from e
+  return host, int(port)
+
+
+def _check_port_free(address: str, port: int) -> None:
+  """Process 0 starts the coordinator on `port` of every interface; a port
+  already taken would end in JAX's native abort."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      raise ConfigError(
+          f"--coordinator_address={address}: port {port} is in use on this "
+          f"host ({e.strerror}), where process 0 starts the coordinator; "
+          "pick a free port for every process") from e
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+  """Waits until something listens at host:port (process 0's coordinator).
+
+  JAX's own wait for the coordinator ends in a native abort (exit status
+  134) when it times out; this one ends in one line.
+  """
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=2.0):
+        return
+    except OSError:
+      if time.monotonic() >= deadline:
+        raise DistributedError(
+            f"no coordinator answered at --coordinator_address={host}:{port} "
+            f"within {timeout_s:g} s (--barrier_timeout): start process 0 "
+            "with the same address, or check the address") from None
+      time.sleep(0.2)
+
+
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None, *,
-               initialization_timeout: int = 300) -> ProcessInfo:
+               initialization_timeout: float = 300) -> ProcessInfo:
   """`jax.distributed.initialize`, before any JAX computation.
 
   Arguments left None are filled in by JAX's cluster detection (TPU pods,
   Slurm, Open MPI, ...); on a machine it cannot detect, give all three.
+  A given coordinator address is checked first (HOST:PORT, a port in range,
+  a host that resolves); a process other than 0 waits at most
+  `initialization_timeout` seconds for process 0's coordinator to listen.
 
   Raises:
-    ConfigError: a bad combination of arguments.
+    ConfigError: a bad combination of arguments or a bad address.
     DistributedError: the runtime could not start (one line).
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -104,13 +170,22 @@ def initialize(coordinator_address: str | None = None,
       and process_id >= num_processes):
     raise ConfigError(f"--process_id={process_id} must be below "
                       f"--num_processes={num_processes}")
+  if not initialization_timeout > 0:
+    raise ConfigError(f"--barrier_timeout must be > 0 seconds; got "
+                      f"{initialization_timeout:g}")
+  timeout_s = max(1, int(math.ceil(initialization_timeout)))
+  if coordinator_address is not None:
+    host, port = parse_coordinator_address(coordinator_address)
+    if process_id == 0 and (num_processes or 2) > 1:
+      _check_port_free(coordinator_address, port)
+    if process_id is not None and process_id > 0 and (num_processes or 2) > 1:
+      _wait_for_coordinator(host, port, timeout_s)
   kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
                               ("num_processes", num_processes),
                               ("process_id", process_id)) if v is not None}
   try:
-    jax.distributed.initialize(initialization_timeout=initialization_timeout,
-                               **kwargs)
-  except (ValueError, RuntimeError) as e:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  except (ValueError, RuntimeError, IndexError, TypeError) as e:
     text = " ".join(str(e).split())[:400]
     hint = ("" if kwargs else "; outside a TPU pod, Slurm or Open MPI job, pass "
             "--coordinator_address=HOST:PORT --num_processes=N --process_id=K")
@@ -166,8 +241,12 @@ def read_record(workdir: str) -> dict | None:
   return record
 
 
-def check_record(workdir: str, num_processes: int, num_inputs: int) -> None:
+def check_record(workdir: str, num_processes: int,
+                 num_inputs: int | None = None) -> None:
   """Records the number of processes in a new workdir; refuses another one.
+
+  With `num_inputs` None it only checks (before the model is loaded) and
+  writes nothing.
 
   Raises:
     DistributedError: the workdir was started with another number of
@@ -179,6 +258,8 @@ def check_record(workdir: str, num_processes: int, num_inputs: int) -> None:
       raise DistributedError(
           f"workdir {workdir} holds a one-process run (done.txt, no {RECORD}); "
           "resume it without --distributed, or pass another --workdir")
+    if num_inputs is None:
+      return
     common.write_json(os.path.join(workdir, RECORD), {
         "num_processes": num_processes, "split": SPLIT_RULE,
         "inputs": num_inputs,
@@ -209,22 +290,47 @@ def check_single_process(workdir: str) -> None:
 # Barrier
 
 
+RESTART_ADVICE = ("restart the whole job (every process, with the same "
+                  "flags): each process redoes only its own missing inputs")
+
+
 def barrier(name: str, timeout_s: float) -> None:
   """Waits until every process reaches `name` (no-op in a one-process run).
 
   Raises:
-    DistributedError: not every process arrived within `timeout_s`.
+    DistributedError: not every process arrived within `timeout_s`, or the
+      runtime lost another process on the way (its heartbeat stopped: it was
+      killed or crashed); the message says which.
   """
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = jax_distributed.global_state.client
   if client is None:
     return
+  start = time.monotonic()
   try:
     client.wait_at_barrier(name, int(timeout_s * 1000))
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError)
-    raise DistributedError(
-        f"not every process reached barrier {name!r} within {timeout_s:g} s "
-        f"({' '.join(str(e).split())[:200]})") from e
+    raise barrier_error(name, timeout_s, time.monotonic() - start, e) from e
+
+
+def barrier_error(name: str, timeout_s: float, waited_s: float,
+                  cause: BaseException) -> DistributedError:
+  """The one line of a failed barrier: a timeout, or a process that died."""
+  detail = " ".join(str(cause).split())[:200]
+  if waited_s < 0.9 * timeout_s:
+    # Not the timeout: the coordination service gave up on a peer.
+    return PeerLostError(
+        f"another process of this job stopped (killed or crashed: the "
+        f"coordination service lost its heartbeat) while this one waited "
+        f"{waited_s:.0f} s at barrier {name!r}; its part is incomplete and it "
+        f"cannot rejoin: {RESTART_ADVICE} ({detail})")
+  return DistributedError(
+      f"not every process reached barrier {name!r} within {timeout_s:g} s "
+      f"(--barrier_timeout) ({detail})")
+
+
+class PeerLostError(DistributedError):
+  """Another process of the job died: only a restart of the job helps."""
 
 
 # ---------------------------------------------------------------------------
@@ -277,8 +383,10 @@ def check_parts(workdir: str, indices: Sequence[int],
 def merge_tables(workdir: str, tables: dict[str, str], indices: Sequence[int],
                  num_processes: int) -> None:
   """Writes each table of `tables` ({top-level tsv path: header}) from the
-  parts' copies, rows in the order of `indices`."""
+  parts' copies, rows in the order of `indices`. Every table is read and
+  checked first: a damaged part leaves the top-level tsv/ as it was."""
   order = {idx: position for position, idx in enumerate(indices)}
+  merged = {}
   for path, header in tables.items():
     rel = os.path.relpath(path, workdir)
     rows: dict[int, str] = {}
@@ -296,14 +404,81 @@ def merge_tables(workdir: str, tables: dict[str, str], indices: Sequence[int],
           rows.setdefault(int(idx), line + "\n")
     absent = [i for i in indices if i not in rows]
     if absent:
+      owners = sorted({owner(order[i], num_processes) for i in absent})
+      where = "; ".join(
+          f"{os.path.join(_part_name(k, num_processes), rel)} lacks the rows "
+          f"of input{'s' if len(mine) > 1 else ''} {_ranges(mine)}"
+          for k in owners
+          for mine in [[i for i in absent
+                        if owner(order[i], num_processes) == k]])
       raise DistributedError(
-          f"cannot merge {workdir}: {rel} lacks the rows of input"
-          f"{'s' if len(absent) > 1 else ''} {_ranges(absent)} (processes "
-          f"{sorted({owner(order[i], num_processes) for i in absent})}); the "
-          "part is damaged: delete those inputs from its done.txt and run its "
-          "process again")
-    common.atomic_write_text(
-        path, header + "".join(rows[i] for i in sorted(rows, key=order.get)))
+          f"cannot merge {workdir}: {where} (listed as done in that part's "
+          "done.txt); the part is damaged: delete those inputs from its "
+          "done.txt and run its process again")
+    merged[path] = header + "".join(rows[i] for i in sorted(rows, key=order.get))
+  for path, text in merged.items():
+    common.atomic_write_text(path, text)
+
+
+def _part_name(process_id: int, num_processes: int) -> str:
+  """parts/process_<k>_of_<n>: a part's folder relative to the workdir."""
+  return os.path.join(PARTS, f"process_{process_id}_of_{num_processes}")
+
+
+def check_parts_belong(workdir: str, num_processes: int) -> None:
+  """Refuses parts of another run: parts of another number of processes, or
+  a part whose config.json (seed, n, ..., the weights' hashes) differs from
+  the workdir's.
+
+  Raises:
+    DistributedError: one line naming the part and the first difference.
+  """
+  parts = os.path.join(workdir, PARTS)
+  if os.path.isdir(parts):
+    for name in sorted(os.listdir(parts)):
+      m = re.fullmatch(r"process_(\d+)_of_(\d+)", name)
+      if m and int(m.group(2)) != num_processes:
+        raise DistributedError(
+            f"cannot merge {workdir}: {os.path.join(PARTS, name)} is a part of "
+            f"a run of {m.group(2)} processes, but the workdir's {RECORD} "
+            f"records {num_processes}: its inputs do not line up; remove it or "
+            "pass another --workdir")
+  top = _read_config(os.path.join(workdir, "config.json"))
+  for k in range(num_processes):
+    path = os.path.join(part_dir(workdir, k, num_processes), "config.json")
+    if not os.path.exists(path):
+      continue  # a part not started: check_parts names its inputs
+    part = _read_config(path)
+    diff = common.first_difference(
+        {**top, common.WEIGHTS_KEY: None}, {**part, common.WEIGHTS_KEY: None},
+        ("in the workdir", "in the part"))
+    if diff is None:
+      mine = top.get(common.WEIGHTS_KEY) or {}
+      theirs = part.get(common.WEIGHTS_KEY) or {}
+      for kind in sorted(set(mine) & set(theirs)):
+        if mine[kind] != theirs[kind]:
+          diff = (f"model weights {kind}: {mine[kind]} in the workdir, "
+                  f"{theirs[kind]} in the part")
+          break
+    if diff is not None:
+      raise DistributedError(
+          f"cannot merge {workdir}: {_part_name(k, num_processes)} holds a part "
+          f"of a different run ({diff}): merging would mix two runs' rows; "
+          "remove that part and run its process again with the workdir's "
+          "flags, or pass another --workdir")
+
+
+def _read_config(path: str) -> dict:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DistributedError(f"cannot merge: {path} is unreadable or corrupted "
+                           f"({e})") from e
+  if not isinstance(value, dict):
+    raise DistributedError(f"cannot merge: {path} is corrupted (not a JSON "
+                           "object)")
+  return value
 
 
 def _timing(workdir: str, num_processes: int) -> list[dict]:
@@ -367,10 +542,11 @@ def _certify_part(setup, process: ProcessInfo, stream) -> dict:
     for idx in todo:
       rows = certify_job.certify_input(part, idx)
       label = int(part.dataset.labels[idx])
+      # Each row's own path: its method, prompt, sigma and base classifier.
       journal_.commit(idx, {
-          certify_job.tsv_path(part, r.method, r.prompt, r.sigma):
-              (tables[certify_job.tsv_path(part, r.method, r.prompt, r.sigma)],
-               r.line(idx, label, setup.config.alpha)) for r in rows})
+          r.path(part): (tables[r.path(part)],
+                         r.line(idx, label, setup.config.alpha))
+          for r in rows})
       progress.update(note=f"input {idx} ({process})")
     seconds = time.perf_counter() - loop_start
   timing = {"process_id": process.process_id,
@@ -394,6 +570,8 @@ def run_process(config, workdir: str, process: ProcessInfo, *,
   common.check_workdir_path(workdir)
   if config.cache_dir:
     common.check_workdir_path(config.cache_dir, "--config.cache_dir")
+  # Refused before the model is loaded: another number of processes.
+  check_record(workdir, process.num_processes)
   setup = certify_job.build_setup(config, workdir)
   if len(setup.indices) < process.num_processes:
     raise ConfigError(
@@ -412,7 +590,7 @@ def run_process(config, workdir: str, process: ProcessInfo, *,
   try:
     barrier(BARRIER_DONE, barrier_timeout_s)
   except DistributedError as e:
-    if process.process_id != 0:
+    if process.process_id != 0 or isinstance(e, PeerLostError):
       raise
     raise DistributedError(
         f"{e}; when every process has finished, run `python -m "
@@ -426,7 +604,6 @@ def merge_setup(setup, *, stream=sys.stderr) -> dict:
   """Merges a multi-process workdir's parts; writes tsv/, done.txt and
   summary.json (and the figure) at its top. Returns the summary."""
   from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
-  from experiments.common import curves  # pylint: disable=g-import-not-at-top
   workdir = setup.workdir
   record = read_record(workdir)
   if record is None:
@@ -434,6 +611,7 @@ def merge_setup(setup, *, stream=sys.stderr) -> dict:
                            f"(no {RECORD})")
   n = record["num_processes"]
   with common.workdir_lock(workdir):
+    check_parts_belong(workdir, n)
     check_parts(workdir, setup.indices, n)
     merge_tables(workdir, certify_job.all_tables(setup), setup.indices, n)
     common.atomic_write_text(os.path.join(workdir, "done.txt"),
@@ -444,10 +622,8 @@ def merge_setup(setup, *, stream=sys.stderr) -> dict:
     summary["recomputed_inputs"] = sum(
         p.get("inputs_certified", 0) for p in timing["processes"])
     summary["distributed"] = timing
-    summary["figure"] = os.path.join(workdir, "certified_accuracy.png")
-    curves.draw(curves.workdir_groups(workdir), summary["figure"],
-                x_label=curves.axis_label(workdir), stream=io.StringIO(),
-                title=certify_job.figure_title(setup))
+    # Every figure a one-process run draws, and their summary keys.
+    certify_job.draw_figures(setup, summary)
     common.write_json(os.path.join(workdir, "summary.json"), summary)
   stream.write(f"merged {n} parts into {workdir}/tsv/ ({len(setup.indices)} "
                "inputs, dataset index order)\n")

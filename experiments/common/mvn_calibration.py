@@ -29,7 +29,9 @@ def compare(setup) -> dict[float, list[tuple[Certificate, Certificate]]]:
   for idx in done:
     key = sampler.input_key(config.seed, idx)
     for sigma in config.sigmas:
-      source = certify_job.stored_caches(setup, sigma, idx)
+      # Checked as single-mode certify checks caches of an earlier run:
+      # provenance, checksums, and a few embeddings regenerated.
+      source = certify_job.stored_caches(setup, sigma, idx, verify=True)
       params = certify_job.ovc_params(config, sigma)
       exact = cached_ovc.certify_cached_many(
           source.load_embeddings(), stack, params.smoothing)
