@@ -404,9 +404,9 @@ def test_a_purified_classifier_abstains_where_every_sample_is_nan():
   s = SmoothingParams(sigma=0.5, n0=20, n=100, alpha=0.001, batch_size=64)
   for classifier, encoder_params in (
       (plain, {}), (purified, clipure.purified_encoder_params({}, blank))):
-    cert = standard.certify(classifier,
+    cert = standard.certify(KEY, classifier,
                             classifier.params(encoder_params, GLITCH_U),
-                            GLITCH_X, KEY, s)
+                            GLITCH_X, s)
     assert cert.prediction == ABSTAIN and cert.radius == 0.0
     assert cert.counts.sum() == 0
 
