@@ -1,4 +1,4 @@
-r"""The paper's tables and figures (ALGORITHMS.md section 6), on any backbone.
+r"""The paper's tables and figures (docs/METHOD.md, section 6), on any backbone.
 
   python -m experiments.paper --workdir=workdirs/paper          # embedded default (toy CLIP), CPU
   python -m experiments.paper --workdir=DIR --config=experiments/configs/paper.py:cifar10,paper \

@@ -1,8 +1,10 @@
 r"""Train the toy CLIP contrastively on the toy world, evaluate it, export it.
 
-  python -m experiments.train_toy_clip --workdir=workdirs/toy_clip
+  python -m experiments.train_toy_clip --workdir=workdirs/toy_clip   # exports to WORKDIR/export
   python -m experiments.train_toy_clip --config=experiments/configs/train_toy_clip.py:tiny \
       --workdir=/tmp/tiny --export_dir=/tmp/tiny_export
+  python -m experiments.train_toy_clip --workdir=workdirs/toy_clip --export_to_checkpoints
+                                       # replaces the shipped checkpoints/toy_clip
 
 Trains a small CLIP (ovc_jax.models) on the infinite toy-world stream with
 CLIP's contrastive loss and Gaussian noise augmentation in CLIP-normalised
@@ -15,10 +17,11 @@ refuses another one.
 
 At the end it evaluates the model on the held-out toy test split (zero-shot
 accuracy per template and per style, certified accuracy of the smoothed
-classifier at radius 0) and exports it to --export_dir in the Hugging Face
-CLIP layout: config.json, model.safetensors, the tokenizer files,
-preprocessor_config.json and TRAINING.json (command, config, time, machine,
-metrics).
+classifier at radius 0) and exports it to --export_dir (default
+WORKDIR/export) in the Hugging Face CLIP layout: config.json,
+model.safetensors, the tokenizer files, preprocessor_config.json and
+TRAINING.json (command, config, time, machine, metrics). The shipped model in
+checkpoints/toy_clip/ is replaced only with --export_to_checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import common
+from experiments.common import shipped
 from experiments.configs import train_toy_clip as train_configs
 from ovc_jax import certificates
 from ovc_jax import classifiers
@@ -55,8 +59,6 @@ from ovc_jax.models import save_hf_checkpoint
 from ovc_jax.models.config import config_to_hf
 from ovc_jax.toy_world import captions as captions_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_EXPORT_DIR = os.path.join(_REPO, "checkpoints", "toy_clip")
 RECORD_NAME = "TRAINING.json"
 
 _CONFIG = common.define_config_flag(train_configs)
@@ -64,8 +66,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdirs", "toy_clip"),
     "Where checkpoints and the run's config go.")
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", DEFAULT_EXPORT_DIR,
-    "Where the trained model is exported (Hugging Face CLIP layout).")
+    "export_dir", None,
+    "Where the trained model is exported (Hugging Face CLIP layout); default "
+    "WORKDIR/export. The shipped checkpoints/toy_clip/ only with "
+    "--export_to_checkpoints.")
+_EXPORT_TO_CHECKPOINTS = flags.DEFINE_boolean(
+    "export_to_checkpoints", False,
+    "Export to the shipped checkpoints/toy_clip/ (replacing the embedded "
+    "default model) instead of --export_dir.")
 _STOP_AT_STEP = flags.DEFINE_integer(
     "stop_at_step", None,
     "Stop once this many steps are done and checkpointed, without evaluating "
@@ -396,6 +404,7 @@ def run(config: config_dict.ConfigDict, workdir: str, export_dir: str, *,
   validate(config)
   common.check_workdir_path(workdir)
   common.check_workdir_path(export_dir, "--export_dir")
+  shipped.check_workdir(workdir)
   with common.workdir_lock(workdir):
     return _run_locked(config, workdir, export_dir, stop_at_step=stop_at_step,
                        command=command, log=log)
@@ -453,7 +462,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   command = " ".join(["python -m experiments.train_toy_clip"] + sys.argv[1:])
-  run(_CONFIG.value, _WORKDIR.value, _EXPORT_DIR.value,
+  run(_CONFIG.value, _WORKDIR.value,
+      shipped.toy_clip_export_dir(
+          _WORKDIR.value, _EXPORT_DIR.value,
+          export_to_checkpoints=_EXPORT_TO_CHECKPOINTS.value),
       stop_at_step=_STOP_AT_STEP.value, command=command)
 
 

@@ -21,8 +21,9 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_FIRST100 = SHARED_DATA / "cifar10-first100"
 needs_cifar = pytest.mark.skipif(
     not (CIFAR_FIRST100 / "test_batch").is_file(),
-    reason=(f"needs the first 100 CIFAR-10 test images in the cifar-10-batches-py "
-            f"layout (test_batch, batches.meta) at {CIFAR_FIRST100}"))
+    reason=(f"needs CIFAR-10's first 100 test images: put a test_batch holding "
+            f"them and batches.meta (the cifar-10-batches-py layout of "
+            f"cifar-10-python.tar.gz) in {CIFAR_FIRST100}"))
 
 
 # --------------------------------------------------------------------------

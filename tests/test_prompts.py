@@ -12,7 +12,11 @@ from ovc_jax.errors import ConfigError
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS_DIR = SHARED_DATA / "prompts"
 needs_shared = pytest.mark.skipif(
-    not PROMPTS_DIR.is_dir(), reason=f"{PROMPTS_DIR} is absent")
+    not PROMPTS_DIR.is_dir(),
+    reason=(f"needs CLIP's published prompt lists: put clip_prompts.md (CLIP's "
+            f"data/prompts.md) and clip_imagenet_prompts.json (imagenet_classes "
+            f"and imagenet_templates of CLIP's notebook "
+            f"Prompt_Engineering_for_ImageNet.ipynb) in {PROMPTS_DIR}"))
 
 
 def _cifar10_section():

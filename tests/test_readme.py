@@ -1,7 +1,11 @@
-"""The README's commands and its Python example are the ones that work."""
+"""The README's commands, its Python example and the main job's output are
+the ones that work and what the code prints."""
 
+import ast
+import io
 import os
 import re
+import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,11 +26,27 @@ def test_ci_runs_exactly_the_readme_test_command():
   assert commands == [test_command[0]]
 
 
+def test_readme_is_short():
+  assert len(_readme().splitlines()) <= 300
+
+
+def _example_and_output():
+  """The README's first Python block and the output block right after it."""
+  m = re.search(r"```python\n(.*?)\n```\n\nIt prints:\n\n```text\n(.*?)\n```",
+                _readme(), flags=re.S)
+  assert m, "the library example must be followed by 'It prints:' and its output"
+  return m.group(1), m.group(2)
+
+
 def test_readme_python_example_runs(capsys):
-  block, = re.findall(r"```python\n(.*?)\n```", _readme(), flags=re.S)
+  block, expected = _example_and_output()
   assert len(block.splitlines()) <= 25
   exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
-  lines = capsys.readouterr().out.splitlines()
+  printed = capsys.readouterr().out
+  # The noise is keyed and every value printed is rounded: the output is
+  # deterministic, so the README shows it exactly.
+  assert printed == expected + "\n"
+  lines = printed.splitlines()
   assert lines[0].startswith("known ")
   by_method = {line.split()[0]: line.split() for line in lines[1:]}
   assert set(by_method) == {"standard", "irs", "cached", "mvn"}
@@ -37,3 +57,67 @@ def test_readme_python_example_runs(capsys):
     assert approximate == str(method == "mvn")
   # Cached-OVC is standard RS, bit for bit.
   assert by_method["cached"] == ["cached"] + by_method["standard"][1:]
+
+
+def _main_job_block():
+  blocks = [b for b in re.findall(r"```\n(.*?)\n```", _readme(), flags=re.S)
+            if b.startswith("model: ")]
+  assert len(blocks) == 1, "the README shows the main job's output once"
+  return blocks[0]
+
+
+def _parse_main_job_block(block):
+  """The values in the README's copy of the main job's output."""
+  # pylint: disable=g-import-not-at-top
+  from experiments.common import certify_job
+  by_label = {label: name for name, label in certify_job.METHOD_NAMES.items()}
+  inputs = int(re.search(r"^dataset: \w+, (\d+) inputs,", block, re.M).group(1))
+  sigma = re.search(r"^sigma = (\S+)$", block, re.M).group(1)
+  results = re.search(r"^results: (\S+)/summary\.json, .* and (\S+)$", block,
+                      re.M)
+  methods = {}
+  radii = ["0", "0.25", "0.5", "1"]
+  for line in block.splitlines():
+    role = line.split(" ", 1)[0]
+    if role not in ("known", "novel"):
+      continue
+    rest = line[len(role):].strip()
+    label = max((l for l in by_label if rest.startswith(l + " ")), key=len)
+    values = rest[len(label):].split()
+    entry = {"certified_accuracy": dict(zip(radii, map(float, values[:4]))),
+             "seconds_per_input": float(values[4])}
+    if len(values) == 6:
+      entry["speedup_over_standard"] = float(values[5].rstrip("x"))
+    methods[f"{role}/{by_label[label]}/sigma_{sigma}"] = entry
+  identical = re.search(r"^Cached-OVC identical to standard RS: (.*)$", block,
+                        re.M).group(1)
+  summary = {"model": {"name": block.split()[1],
+                       "note": certify_job.MODEL_NOTE},
+             "inputs": inputs, "methods": methods,
+             "cached_identical_to_standard": ast.literal_eval(identical),
+             "figure": results.group(2)}
+  return results.group(1), summary
+
+
+def test_readme_main_job_output_is_what_certify_prints():
+  """The README's block is print_report's output, byte for byte, for the
+  default config and the values the block shows (the job itself is too slow
+  to run here; tests/test_experiments.py runs it at CI size)."""
+  # pylint: disable=g-import-not-at-top
+  from experiments.common import certify_job
+  from experiments.configs import certify as certify_configs
+  block = _main_job_block()
+  workdir, summary = _parse_main_job_block(block)
+  assert workdir == os.path.join("workdirs", "certify")  # the default run
+  assert set(summary["methods"]) == {
+      "known/standard/sigma_0.25", "novel/standard/sigma_0.25",
+      "novel/irs/sigma_0.25", "novel/cached/sigma_0.25",
+      "novel/mvn/sigma_0.25"}
+  setup = types.SimpleNamespace(config=certify_configs.get_config(),
+                                workdir=workdir)
+  stream = io.StringIO()
+  certify_job.print_report(setup, summary, stream=stream)
+  assert stream.getvalue() == "\n" + block + "\n"
+  # What the README says about it: Cached-OVC is standard RS on the novel prompts.
+  accuracy = {k: v["certified_accuracy"] for k, v in summary["methods"].items()}
+  assert accuracy["novel/cached/sigma_0.25"] == accuracy["novel/standard/sigma_0.25"]

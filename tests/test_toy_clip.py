@@ -80,7 +80,7 @@ def test_committed_model_reproduces_recorded_zero_shot_accuracy(record,
 
 
 def test_record_is_complete_and_consistent(record):
-  """The record says how the model was made, and it meets issue 6's targets.
+  """The record says how the model was made, and it meets the toy model's targets.
 
   Targets on the held-out split: >= 80% zero-shot top-1 with "a photo of a
   {}.", per-template accuracies that differ, >= 50% certified accuracy at

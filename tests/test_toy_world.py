@@ -307,7 +307,11 @@ def test_written_split_has_cifar10_structure(written):
   np.testing.assert_array_equal(row[2048:].reshape(32, 32), images[5, ..., 2])
 
 
-@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="no shared CIFAR data")
+@pytest.mark.skipif(
+    not SHARED_CIFAR.is_dir(),
+    reason=(f"needs real CIFAR-10 files to compare with: put test_batch and "
+            f"batches.meta (the cifar-10-batches-py layout of "
+            f"cifar-10-python.tar.gz) in {SHARED_CIFAR}"))
 def test_written_split_matches_real_cifar_file(written):
   out, _ = written
   for name in (cifar.CIFAR10_TEST_BATCH, cifar.CIFAR10_META):
@@ -370,7 +374,7 @@ def test_writer_is_byte_reproducible(written, tmp_path):
 def test_entry_point(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.write_toy_split", "--out",
-       str(tmp_path), "--num_images", "20", "--no_montage", "--seed", "2"],
+       str(tmp_path), "--num_images", "20", "--nomontage", "--seed", "2"],
       cwd=REPO, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr
   assert (tmp_path / cifar.CIFAR10_DIRNAME / cifar.CIFAR10_TEST_BATCH).is_file()
@@ -378,7 +382,9 @@ def test_entry_point(tmp_path):
 
 
 @pytest.mark.skipif(not (COMMITTED / split.RECORD).is_file(),
-                    reason="checkpoints/toy_world was not generated")
+                    reason=("checkpoints/toy_world is missing: write it with "
+                            "python -m experiments.write_toy_split "
+                            "--export_to_checkpoints"))
 def test_committed_split_matches_its_record_and_the_generator():
   record = json.loads((COMMITTED / split.RECORD).read_text())
   for rel, digest in record["files"].items():
@@ -386,7 +392,7 @@ def test_committed_split_matches_its_record_and_the_generator():
     assert hashlib.sha256(data).hexdigest() == digest, rel
   if record["generator_version"] != cat.GENERATOR_VERSION:
     pytest.fail("checkpoints/toy_world is from an older generator: rerun "
-                "python -m experiments.write_toy_split")
+                "python -m experiments.write_toy_split --export_to_checkpoints")
   batch = _load(COMMITTED / cifar.CIFAR10_DIRNAME / cifar.CIFAR10_TEST_BATCH)
   images, labels, _, _ = split.sample_test_split(record["num_images"],
                                                  record["seed"])

@@ -45,6 +45,16 @@ DEFAULT_BATCH_SIZE = {"zeroshot": 500, "clipure": 500, "smoothed": 40}
 # Yin et al.'s perturbation norms.
 DATASET_V = {"toy": 4.0, "cifar10": 4.0, "imagenet": 15.7}
 
+# What --help says about the variants (experiments.common.config_help).
+VARIANTS = (
+    f"datasets {' | '.join(DATASET_V)} (set v: 4.0 for 32x32 images, 15.7 "
+    f"for ImageNet); backbones {' | '.join(BACKBONES)}; classifier "
+    f"zeroshot | clipure (CLIPure-Cos) | smoothed (Cohen's PREDICT); blank "
+    f"single_blank (CLIPure's blank is \"a photo of a .\"; default: the mean "
+    f"over the dataset's templates); scale quick (CI-sized: 20 images, "
+    f"|frequency| <= 2)")
+EXAMPLE_VARIANTS = "cifar10,vit_b32,clipure"
+
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()

@@ -1,4 +1,4 @@
-"""Configs of the paper's experiments (section 6 of ALGORITHMS.md).
+"""Configs of the paper's experiments (docs/METHOD.md, section 6).
 
   python -m experiments.paper --workdir=workdirs/paper                         # embedded default, CPU
   python -m experiments.paper --workdir=DIR \

@@ -12,7 +12,8 @@ and writes
 
 The batches are written by `ovc_jax.datasets.cifar`, which defines the layout;
 any CIFAR-10 reader, including `ovc_jax.datasets.load_toy`, reads them. The
-command line is `python -m experiments.write_toy_split`.
+command line is `python -m experiments.write_toy_split` (`--export_to_checkpoints`
+to replace the shipped split).
 """
 
 from __future__ import annotations
