@@ -116,3 +116,31 @@ def fixed_n_expected_radius(p_a: float, *, sigma: float, alpha: float, n: int,
                               schedule=(int(n),))
   return stopping_distribution(p_a, sigma=sigma, alpha=alpha,
                                params=one_look).expected_radius
+
+
+class RuleRow(NamedTuple):
+  """One (rule, pA) cell of `compare_rules`."""
+
+  rule: str
+  p_a: float
+  mean_draws: float
+  radius_loss: float        # E[fixed-n radius] - E[rule's radius], both clipped
+  wrong_probability: float
+  reasons: dict
+
+
+def compare_rules(p_grid, rules: dict[str, SequentialParams], *, sigma: float,
+                  alpha: float, fixed_n: int) -> list[RuleRow]:
+  """Mean draws, expected radius lost against fixed-n CERTIFY (n = fixed_n,
+  full alpha) and P[wrong] of each rule at each pA, exactly."""
+  rows = []
+  for p_a in p_grid:
+    max_radius = max(r.max_radius for r in rules.values())
+    fixed = fixed_n_expected_radius(p_a, sigma=sigma, alpha=alpha, n=fixed_n,
+                                    max_radius=max_radius)
+    for name, params in rules.items():
+      d = stopping_distribution(p_a, sigma=sigma, alpha=alpha, params=params)
+      rows.append(RuleRow(name, float(p_a), d.mean_draws,
+                          fixed - d.expected_radius, d.wrong_probability,
+                          d.reason_probability()))
+  return rows

@@ -138,3 +138,23 @@ def test_paper_sequential_variant_writes_its_table_and_figure(tmp_path):
   with open(os.path.join(workdir, "tables", "sequential.md")) as f:
     assert "passes_ratio" in f.readline()
   assert os.path.isfile(os.path.join(workdir, "figures", "sequential_toy.png"))
+
+
+def test_sequential_exact_entry_point_writes_its_table_and_figure(tmp_path):
+  """CI-sized: n_max 1600, two pA, one precision."""
+  out = tmp_path / "exact"
+  proc = run_cli("experiments.sequential_exact", f"--out={out}",
+                 "--n_max=1600", "--p_a=0.6,0.999", "--precision_sigmas=0.2",
+                 "--schedule=100x1.5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = (out / "table.md").read_text()
+  assert "| pA | old (1000x2) | 100x1.5, 0.2σ |" in table
+  rows = [line for line in table.splitlines() if line.startswith("| 0.")]
+  assert len(rows) == 2
+  # At pA = 0.999 the old rule certifies max_radius at its first look.
+  assert rows[1].split("|")[2].strip().startswith("1,000 /")
+  assert (out / "rules.png").stat().st_size > 10_000
+  bad = run_cli("experiments.sequential_exact", f"--out={tmp_path / 'bad'}",
+                "--schedule=1.5x500")
+  assert_one_line_error(bad, "--schedule must read FIRSTxGROWTH")
+  assert not (tmp_path / "bad").exists()
