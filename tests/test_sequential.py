@@ -110,8 +110,8 @@ def test_uncorrected_repeated_look_fails_the_same_assertion():
 # --- the precision stop --------------------------------------------------------
 
 # Just inside both band edges, and in the band where the precision stop binds.
-# 0.8: where the full-alpha rule below fails most (exact calculator: 0.22).
-@pytest.mark.parametrize("p_a", [0.505, 0.75, 0.8, P_STAR - 0.002])
+# 0.85: where the full-alpha rule below fails most (exact calculator: 0.20).
+@pytest.mark.parametrize("p_a", [0.505, 0.75, 0.85, P_STAR - 0.002])
 def test_precision_stop_valid_over_2500_bernoulli_keys(p_a):
   runs = bernoulli_runs(p_a, seq_params(precision=PRECISION))
   failures = sum(is_failure(r.certificate, p_a) for r in runs)
@@ -124,7 +124,7 @@ def test_precision_stop_uncorrected_fails_the_same_assertion():
   """With CP at the full alpha at every checkpoint the failure rate is above
   the limit, precision stop or not: the test can see a broken rule."""
   failures, _ = bernoulli_failures(
-      0.8, seq_params(cls=Uncorrected, precision=PRECISION))
+      0.85, seq_params(cls=Uncorrected, precision=PRECISION))
   assert failures > failure_limit(TRIALS), failures / TRIALS
 
 
@@ -140,10 +140,10 @@ def test_precision_side_costs_no_soundness():
 
 
 def test_precision_stop_keeps_its_promise():
-  """At a precision stop, min(upper, Phi(max_radius / sigma)) leaves at most
-  `precision` of radius above the one reported."""
+  """At a precision stop, min(upper, Phi((max_radius + precision) / sigma))
+  leaves at most `precision` of radius above the one reported."""
   params = seq_params(precision=PRECISION)
-  cap = stats.norm.cdf(MAX_RADIUS / SIGMA)
+  cap = stats.norm.cdf((MAX_RADIUS + PRECISION) / SIGMA)
   alphas = params.checkpoint_alphas(ALPHA)
   stops = 0
   for r in bernoulli_runs(0.75, params, trials=200):
@@ -183,8 +183,10 @@ def test_exact_calculator_agrees_with_simulation(p_a, precision):
   sd = np.sqrt(cells * (1 - cells) / TRIALS)
   assert np.all(np.abs(seen - cells) <= 4.5 * sd + 1e-3), (seen, cells)
   draws = np.array([r.draws for r in runs], np.float64)
-  assert abs(draws.mean() - mix(lambda d: d.mean_draws)) <= (
-      4.5 * draws.std() / np.sqrt(TRIALS) + 1e-9)
+  n_j = np.asarray(params.checkpoints(), np.float64)
+  mean = mix(lambda d: d.mean_draws)
+  sd = np.sqrt(cells.sum(axis=1) @ (n_j - mean) ** 2)  # the exact one
+  assert abs(draws.mean() - mean) <= 4.5 * sd / np.sqrt(TRIALS) + 1e-6
   wrong_exact = mix(lambda d: d.wrong_probability)
   wrong = np.mean([is_failure(r.certificate, p_a) for r in runs])
   assert abs(wrong - wrong_exact) <= 4.5 * np.sqrt(
@@ -205,6 +207,16 @@ def test_exact_wrong_probability_at_most_alpha_and_sees_a_broken_rule():
       params=seq_params(cls=Uncorrected, precision=PRECISION)).wrong_probability
                for p_a in grid)
   assert broken > ALPHA
+
+
+def test_precision_stop_does_not_stop_just_below_max_radius():
+  """Well above Phi(max_radius / sigma) the rule goes on to certify
+  max_radius; capped at max_radius it would stop up to `precision` short."""
+  p_a = 0.97  # radius 0.47 against max_radius 0.25
+  d = sequential_exact.stopping_distribution(
+      p_a, sigma=SIGMA, alpha=ALPHA, params=seq_params(precision=PRECISION))
+  assert d.reason_probability()["radius"] > 0.99
+  assert d.expected_radius > MAX_RADIUS - 1e-3
 
 
 def test_exact_one_checkpoint_is_cohens_certify():

@@ -12,13 +12,15 @@ and it stops as soon as
 
   upper_j <= 1/2                         -> ABSTAIN                ("abstain")
   sigma * PhiInv(lower_j) >= max_radius  -> (cA, that radius)      ("radius")
-  r(min(upper_j, Phi(max_radius / sigma))) - r(lower_j) <= precision
+  r(min(upper_j, p_cap)) - r(lower_j) <= precision
                                          -> CERTIFY's last lines   ("precision")
   n_j == n_max                           -> CERTIFY's last lines   ("n_max")
 
-where r(p) = sigma * PhiInv(p) for p > 1/2 and 0 otherwise: the precision
-stop (off unless `precision` is set) ends the sampling once more draws could
-raise the radius by at most `precision`, up to max_radius. A prompt whose
+where r(p) = sigma * PhiInv(p) for p > 1/2 and 0 otherwise and p_cap =
+Phi((max_radius + precision) / sigma): the precision stop (off unless
+`precision` is set) ends the sampling once more draws could raise the radius
+by at most `precision`, counting growth up to max_radius + precision (so that
+a radius that would reach max_radius does not stop just below it). A prompt whose
 selection draws gave no class abstains at the first checkpoint, as CERTIFY
 does.
 
@@ -101,8 +103,9 @@ class SequentialParams:
     alpha_split: how alpha is shared among the J checkpoints: "uniform"
       (alpha / J each) or "basel" (alpha * 6 / (pi^2 j^2) at checkpoint j).
     precision: stop once more draws could raise the radius by at most this
-      (in the noise space's units), judged from the upper bound at the same
-      alpha_j; None (the default) turns the precision stop off.
+      (in the noise space's units; growth counted up to max_radius +
+      precision), judged from the upper bound at the same alpha_j; None (the
+      default) turns the precision stop off.
   """
 
   max_radius: float
@@ -250,7 +253,11 @@ def stop_reasons(k, n: int, alpha_j: float, *, last: bool, sigma: float,
   if last:
     reason[:] = STOP_REASONS.index(STOP_N_MAX)
   if params.precision is not None:
-    p_cap = float(stats.norm.cdf(params.max_radius / sigma))
+    # Growth is counted up to max_radius + precision, not max_radius: capped
+    # at max_radius, a prompt whose radius would reach max_radius could stop
+    # just below it, and drop out of the curve at max_radius.
+    p_cap = float(stats.norm.cdf((params.max_radius + params.precision)
+                                 / sigma))
     gain = _radius(np.minimum(upper, p_cap), sigma) - r_low
     reason = np.where(gain <= params.precision,
                       STOP_REASONS.index(STOP_PRECISION), reason)
