@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -589,3 +589,57 @@ def certify_novel_prompt_sequential(
     # The chunk the old cache ended in is evaluated again (its new rows kept).
     passes += (_evaluated_rows(result.draws_needed, smoothing, mesh)
                - have // size * size)
+
+
+class SequentialReplay(NamedTuple):
+  """A sequential OVC run replayed from a full cache.
+
+  Attributes:
+    known: one `SequentialResult` per known prompt.
+    novel: one `SequentialResult` per novel prompt (Cached-OVC).
+    encoder_passes: the noisy images a live run with the same key would embed:
+      the known prompts' shared pass plus every tail a novel prompt added.
+  """
+
+  known: list[SequentialResult]
+  novel: list[SequentialResult]
+  encoder_passes: int
+
+
+def replay_sequential(embedding_draws: EmbeddingDraws,
+                      known_class_embeddings: jax.Array,
+                      novel_class_embeddings: Sequence[jax.Array],
+                      params: OVCParams, seq_params: SequentialParams, *,
+                      mesh=None) -> SequentialReplay:
+  """`certify_known_prompts_sequential`, then `certify_novel_prompt_sequential`
+  ("cached") for each novel prompt in order, from a cache of at least n_max
+  estimation draws of the same key: no encoder pass.
+
+  Sample i is the same draw in the cache and in a live run, so every result
+  equals the live run's, and the encoder passes are those the live run counts
+  (the shared pass to the last known prompt's stop, then each extension to
+  the next checkpoint a novel prompt's rule asks for). Many stopping rules can
+  thus be compared on one fixed-n run's caches.
+  """
+  smoothing = params.smoothing
+  have = int(np.shape(embedding_draws.estimation)[0])
+  if have < seq_params.n_max:
+    raise ConfigError(f"replaying needs a cache of at least n_max = "
+                      f"{seq_params.n_max} estimation draws; it holds {have}")
+  known = sequential.certify_sequential_cached_many(
+      embedding_draws, known_class_embeddings, smoothing, seq_params,
+      batch_size=params.cached_batch_size)
+  cached = max(r.draws for r in known)  # what the live pass keeps
+  passes = smoothing.n0 + _evaluated_rows(cached, smoothing, mesh)
+  size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
+  novel = []
+  for u in novel_class_embeddings:
+    result = sequential.certify_sequential_cached(
+        embedding_draws, u, smoothing, seq_params,
+        batch_size=params.cached_batch_size)
+    for n_j in seq_params.checkpoints():  # the live loop's extensions
+      if cached < n_j <= result.draws:
+        passes += _evaluated_rows(n_j, smoothing, mesh) - cached // size * size
+        cached = n_j
+    novel.append(result)
+  return SequentialReplay(list(known), novel, passes)

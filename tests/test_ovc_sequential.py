@@ -104,3 +104,44 @@ def test_bad_calls():
   with pytest.raises(ConfigError, match=r"\[P, C, d\]"):
     ovc.certify_known_prompts_sequential(MLP, enc, x, key, prompts[0],
                                          PARAMS, SEQ)
+
+
+@pytest.mark.parametrize("precision", [None, 0.05])
+def test_replay_from_a_full_cache_equals_the_live_run_and_its_passes(precision):
+  """Replaying the sequential run on a fixed-n cache gives the live run's
+  results and counts its encoder passes, growth of the cache included."""
+  enc, prompts = setup(8)
+  known, novel = prompts[:3], prompts[3:]
+  seq = SEQ.replace(precision=precision)
+  grew = 0
+  for i in range(3):
+    x = jnp.asarray(np.random.default_rng(40 + i).normal(size=D), jnp.float32)
+    key = jax.random.key(40 + i)
+    live_known = ovc.certify_known_prompts_sequential(MLP, enc, x, key, known,
+                                                      PARAMS, seq)
+    cache, passes, live_novel = live_known.embedding_draws, 0, []
+    for u in novel:
+      r = ovc.certify_novel_prompt_sequential("cached", MLP, enc, x, key,
+                                              cache, u, PARAMS, seq)
+      cache, passes = r.embedding_draws, passes + r.encoder_passes
+      live_novel.append(r.result)
+    grew += passes > 0
+    full = ovc.certify_known_prompts(MLP, enc, x, key, known, PARAMS).caches
+    replay = ovc.replay_sequential(full.embedding_draws, known, list(novel),
+                                   PARAMS, seq)
+    for a, b in zip(replay.known, live_known.results):
+      assert_same(a, b)
+    for a, b in zip(replay.novel, live_novel):
+      assert_same(a, b)
+    assert replay.encoder_passes == live_known.encoder_passes + passes
+  assert grew  # some novel prompt extended the cache
+
+
+def test_replay_needs_a_cache_of_n_max_draws():
+  enc, prompts = setup(2)
+  x = jnp.zeros(D, jnp.float32)
+  full = ovc.certify_known_prompts(
+      MLP, enc, x, jax.random.key(0), prompts,
+      ovc.OVCParams(SMOOTHING.replace(n=800), IRSParams(n_p=100))).caches
+  with pytest.raises(ConfigError, match="at least n_max = 1600"):
+    ovc.replay_sequential(full.embedding_draws, prompts, [], PARAMS, SEQ)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ovc_jax import certificates
 from ovc_jax import sampler
+from ovc_jax import sequential_exact
 from ovc_jax.certificates import ABSTAIN, SmoothingParams
 from ovc_jax.certifiers import sequential as sq
 from ovc_jax.certifiers import standard
@@ -36,9 +38,15 @@ N0 = 100
 TRIALS = 2500
 
 
-def seq_params(split="uniform", cls=sq.SequentialParams):
+def seq_params(split="uniform", cls=sq.SequentialParams, precision=None):
   return cls(max_radius=MAX_RADIUS, n_max=3200, first_block=100,
-             alpha_split=split)  # checkpoints 100, 200, ..., 3200 (J = 6)
+             alpha_split=split, precision=precision)
+  # checkpoints 100, 200, ..., 3200 (J = 6)
+
+
+# Binds for pA in the middle band: at 0.75 the bounds' radius gap falls below
+# it around 800-1600 draws.
+PRECISION = 0.04
 
 
 class Uncorrected(sq.SequentialParams):
@@ -61,23 +69,28 @@ def is_failure(cert, p_class0):
   return p <= 0.5 or cert.radius > SIGMA * stats.norm.ppf(p)
 
 
-def bernoulli_failures(p_a, params, trials=TRIALS, seed=0):
-  """Failures of `sequential_certify` on keyed Bernoulli(p_a) streams."""
+def bernoulli_runs(p_a, params, trials=TRIALS, seed=0):
+  """`sequential_certify` on keyed Bernoulli(p_a) streams: its results."""
   k_est, k_sel = jax.random.split(jax.random.key(seed))
   hits = np.asarray(jax.random.bernoulli(k_est, p_a, (trials, params.n_max)))
   cum = np.concatenate([np.zeros((trials, 1), np.int64),
                         np.cumsum(hits, axis=1)], axis=1)
   sel = np.asarray(jax.random.bernoulli(k_sel, p_a, (trials, N0)).sum(1))
-  failures, draws = 0, []
+  out = []
   for t in range(trials):
     def draw(first, num, t=t):
       k = cum[t, first + num] - cum[t, first]
       return np.array([k, num - k])
-    result = sq.sequential_certify(draw, np.array([sel[t], N0 - sel[t]]),
-                                   sigma=SIGMA, alpha=ALPHA, params=params)
-    failures += is_failure(result.certificate, p_a)
-    draws.append(result.draws)
-  return failures, float(np.mean(draws))
+    out.append(sq.sequential_certify(draw, np.array([sel[t], N0 - sel[t]]),
+                                     sigma=SIGMA, alpha=ALPHA, params=params))
+  return out
+
+
+def bernoulli_failures(p_a, params, trials=TRIALS, seed=0):
+  """Failures of `sequential_certify` on keyed Bernoulli(p_a) streams."""
+  runs = bernoulli_runs(p_a, params, trials, seed)
+  failures = sum(is_failure(r.certificate, p_a) for r in runs)
+  return failures, float(np.mean([r.draws for r in runs]))
 
 
 # pA just above 1/2 (the certify-or-abstain threshold) and just below
@@ -92,6 +105,160 @@ def test_valid_over_2500_bernoulli_keys(split, p_a):
 def test_uncorrected_repeated_look_fails_the_same_assertion():
   failures, _ = bernoulli_failures(P_STAR - 0.002, seq_params(cls=Uncorrected))
   assert failures > failure_limit(TRIALS), failures / TRIALS
+
+
+# --- the precision stop --------------------------------------------------------
+
+# Just inside both band edges, and in the band where the precision stop binds.
+# 0.85: where the full-alpha rule below fails most (exact calculator: 0.20).
+@pytest.mark.parametrize("p_a", [0.505, 0.75, 0.85, P_STAR - 0.002])
+def test_precision_stop_valid_over_2500_bernoulli_keys(p_a):
+  runs = bernoulli_runs(p_a, seq_params(precision=PRECISION))
+  failures = sum(is_failure(r.certificate, p_a) for r in runs)
+  assert failures <= failure_limit(TRIALS), failures / TRIALS
+  if p_a == 0.75:  # the setting is one where the precision stop binds
+    assert np.mean([r.reason == "precision" for r in runs]) > 0.9
+
+
+def test_precision_stop_uncorrected_fails_the_same_assertion():
+  """With CP at the full alpha at every checkpoint the failure rate is above
+  the limit, precision stop or not: the test can see a broken rule."""
+  failures, _ = bernoulli_failures(
+      0.85, seq_params(cls=Uncorrected, precision=PRECISION))
+  assert failures > failure_limit(TRIALS), failures / TRIALS
+
+
+def test_precision_side_costs_no_soundness():
+  """The union bound covers the lower bounds at every checkpoint at once, so a
+  stopping time chosen by any rule, even an aggressive precision stop, keeps
+  the certificate valid; only the precision claim rests on the upper bound."""
+  params = seq_params(precision=0.2)  # stops almost always at the first look
+  runs = bernoulli_runs(P_STAR - 0.002, params)
+  assert np.mean([r.draws == 100 for r in runs]) > 0.9
+  failures = sum(is_failure(r.certificate, P_STAR - 0.002) for r in runs)
+  assert failures <= failure_limit(TRIALS), failures / TRIALS
+
+
+def test_precision_stop_keeps_its_promise():
+  """At a precision stop, min(upper, Phi((max_radius + precision) / sigma))
+  leaves at most `precision` of radius above the one reported."""
+  params = seq_params(precision=PRECISION)
+  cap = stats.norm.cdf((MAX_RADIUS + PRECISION) / SIGMA)
+  alphas = params.checkpoint_alphas(ALPHA)
+  stops = 0
+  for r in bernoulli_runs(0.75, params, trials=200):
+    if r.reason != "precision":
+      continue
+    stops += 1
+    upper = min(r.pA_upper, cap)
+    reachable = SIGMA * stats.norm.ppf(upper) if upper > 0.5 else 0.0
+    assert reachable - r.certificate.radius <= PRECISION + 1e-12
+    k = r.certificate.counts[0]
+    assert r.pA_upper == pytest.approx(
+        stats.beta.isf(alphas[r.checkpoint], k + 1, r.draws - k), rel=1e-12)
+  assert stops > 150
+
+
+# --- the exact calculator -------------------------------------------------------
+
+@pytest.mark.parametrize("p_a, precision", [(0.75, PRECISION),
+                                            (P_STAR - 0.002, None),
+                                            (0.505, PRECISION)])
+def test_exact_calculator_agrees_with_simulation(p_a, precision):
+  """The simulation also picks cA on N0 selection draws; the calculator takes
+  cA as given, so its prediction is the mixture over the selected class."""
+  params = seq_params(precision=precision)
+  exact = {p: sequential_exact.stopping_distribution(
+      p, sigma=SIGMA, alpha=ALPHA, params=params) for p in (p_a, 1 - p_a)}
+  for d in exact.values():
+    assert d.stop_probability.sum() == pytest.approx(1.0, abs=1e-10)
+  w0 = stats.binom.sf(N0 // 2 - 1, N0, p_a)  # class 0 selected (ties to 0)
+  mix = lambda f: w0 * f(exact[p_a]) + (1 - w0) * f(exact[1 - p_a])
+  cells = mix(lambda d: d.stop_probability)
+  runs = bernoulli_runs(p_a, params, seed=1)
+  seen = np.zeros_like(cells)
+  for r in runs:
+    seen[r.checkpoint, sq.STOP_REASONS.index(r.reason)] += 1.0 / TRIALS
+  # Every cell within 4.5 standard deviations of its binomial frequency.
+  sd = np.sqrt(cells * (1 - cells) / TRIALS)
+  assert np.all(np.abs(seen - cells) <= 4.5 * sd + 1e-3), (seen, cells)
+  draws = np.array([r.draws for r in runs], np.float64)
+  n_j = np.asarray(params.checkpoints(), np.float64)
+  mean = mix(lambda d: d.mean_draws)
+  sd = np.sqrt(cells.sum(axis=1) @ (n_j - mean) ** 2)  # the exact one
+  assert abs(draws.mean() - mean) <= 4.5 * sd / np.sqrt(TRIALS) + 1e-6
+  wrong_exact = mix(lambda d: d.wrong_probability)
+  wrong = np.mean([is_failure(r.certificate, p_a) for r in runs])
+  assert abs(wrong - wrong_exact) <= 4.5 * np.sqrt(
+      wrong_exact * (1 - wrong_exact) / TRIALS) + 1e-3
+  radius = np.mean([min(r.certificate.radius, MAX_RADIUS) for r in runs])
+  assert radius == pytest.approx(mix(lambda d: d.expected_radius), abs=0.01)
+
+
+def test_exact_wrong_probability_at_most_alpha_and_sees_a_broken_rule():
+  grid = np.concatenate([np.linspace(0.45, 0.99, 28), [P_STAR - 0.002]])
+  for precision in (None, PRECISION):
+    for p_a in grid:
+      d = sequential_exact.stopping_distribution(
+          p_a, sigma=SIGMA, alpha=ALPHA, params=seq_params(precision=precision))
+      assert d.wrong_probability <= ALPHA, (p_a, precision)
+  broken = max(sequential_exact.stopping_distribution(
+      p_a, sigma=SIGMA, alpha=ALPHA,
+      params=seq_params(cls=Uncorrected, precision=PRECISION)).wrong_probability
+               for p_a in grid)
+  assert broken > ALPHA
+
+
+def test_precision_stop_does_not_stop_just_below_max_radius():
+  """Well above Phi(max_radius / sigma) the rule goes on to certify
+  max_radius; capped at max_radius it would stop up to `precision` short."""
+  p_a = 0.97  # radius 0.47 against max_radius 0.25
+  d = sequential_exact.stopping_distribution(
+      p_a, sigma=SIGMA, alpha=ALPHA, params=seq_params(precision=PRECISION))
+  assert d.reason_probability()["radius"] > 0.99
+  assert d.expected_radius > MAX_RADIUS - 1e-3
+
+
+def test_exact_one_checkpoint_is_cohens_certify():
+  """One look at n: the stopping distribution is CERTIFY's binomial, and the
+  expected radius is the binomial average of CERTIFY's radius."""
+  n, p_a = 500, 0.8
+  k = np.arange(n + 1)
+  lower = stats.beta.ppf(ALPHA, k, n - k + 1)
+  radius = np.where(lower > 0.5, SIGMA * stats.norm.ppf(np.clip(lower, 0.5, 1)),
+                    0.0)
+  want = float((stats.binom.pmf(k, n, p_a) * np.minimum(radius, 10.0)).sum())
+  got = sequential_exact.fixed_n_expected_radius(p_a, sigma=SIGMA, alpha=ALPHA,
+                                                 n=n, max_radius=10.0)
+  assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_exact_bad_inputs():
+  with pytest.raises(ConfigError, match="p_a must lie"):
+    sequential_exact.stopping_distribution(1.5, sigma=SIGMA, alpha=ALPHA,
+                                           params=seq_params())
+  with pytest.raises(ConfigError, match="alpha must lie"):
+    sequential_exact.stopping_distribution(0.5, sigma=SIGMA, alpha=0.0,
+                                           params=seq_params())
+
+
+def test_no_selection_class_abstains_as_certify_does():
+  """All selection counts zero: ABSTAIN at the first checkpoint (not class 0),
+  and with one checkpoint the certificate is CERTIFY's, counts included."""
+  block = np.array([90, 10])
+  r = sq.sequential_certify(lambda first, num: block * num // 100,
+                            np.zeros(2, np.int64), sigma=SIGMA, alpha=ALPHA,
+                            params=seq_params())
+  assert r.certificate.prediction == ABSTAIN and r.reason == "abstain"
+  assert r.draws == 100 and r.certificate.pA_lower == 0.0
+  one = sq.SequentialParams(max_radius=MAX_RADIUS, n_max=100, schedule=(100,))
+  r = sq.sequential_certify(lambda first, num: block, np.zeros(2, np.int64),
+                            sigma=SIGMA, alpha=ALPHA, params=one)
+  ref = certificates.certificate_from_counts(np.zeros(2), block, n=100,
+                                             sigma=SIGMA, alpha=ALPHA)
+  assert (r.certificate.prediction, r.certificate.radius,
+          r.certificate.pA_lower) == (ref.prediction, ref.radius, ref.pA_lower)
+  np.testing.assert_array_equal(r.certificate.counts, ref.counts)
 
 
 def linear_problem(margins, sigma):
@@ -345,6 +512,10 @@ def test_one_sampler_program_per_run():
     (dict(schedule=(100, 500)), "must end at n_max"),
     (dict(schedule=()), "schedule is empty"),
     (dict(alpha_split="bonferroni"), "unknown alpha split"),
+    (dict(precision=0.0), "precision must be"),
+    (dict(precision=-0.1), "precision must be"),
+    (dict(precision=float("nan")), "precision must be"),
+    (dict(precision=True), "precision must be"),
 ])
 def test_bad_sequential_params(kw, message):
   args = dict(max_radius=0.5, n_max=1000, first_block=100)

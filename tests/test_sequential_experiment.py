@@ -15,11 +15,14 @@ from test_reliability_experiments import (assert_one_line_error, certify,
                                           run_cli, tiny_config)
 
 SEQ = {"mode": "sequential", "n": 800, "sequential.n_max": 800,
-       "sequential.first_block": 200, "sequential.max_radius_sigmas": 1.0}
+       "sequential.first_block": 200, "sequential.growth": 2.0,
+       "sequential.precision_sigmas": 0.0, "sequential.max_radius_sigmas": 1.0}
 
 
 def test_sequential_mode_writes_draws_and_matches_fixed_n(tmp_path):
-  summary, _ = certify(tiny_config(**SEQ), tmp_path / "w")
+  summary, _ = certify(tiny_config(
+      **SEQ, **{"sequential.replay_precision_sigmas": (0.0, 0.2)}),
+      tmp_path / "w")
   root = tmp_path / "w" / "tsv"
   for method in ("sequential", "sequential_cached", "sequential_mvn",
                  "standard", "cached"):
@@ -52,6 +55,28 @@ def test_sequential_mode_writes_draws_and_matches_fixed_n(tmp_path):
   assert entry["passes_ratio"] == pytest.approx(
       entry["fixed_encoder_passes_total"] / entry["encoder_passes_total"])
   assert os.path.isfile(summary["sequential_figure"])
+  # Replays on the fixed-n draws: "p0" is this run's own rule, row for row
+  # (the live run and the replay see the same keyed draws).
+  for live, replay in (("sequential", "sequential@p0"),
+                       ("sequential_cached", "sequential_cached@p0")):
+    a = results.list_tsvs(str(root / live))
+    b = results.list_tsvs(str(root / replay))
+    assert len(a) == len(b) > 0
+    for pa, pb in zip(a, b):
+      ra, rb = results.read_tsv(pa), results.read_tsv(pb)
+      for col in ("predict", "radius", "draws", "stop"):
+        np.testing.assert_array_equal(ra[col], rb[col])
+  assert set(entry["replays"]) == {"p0", "p0.2", "old"}
+  assert entry["replays"]["p0"]["encoder_passes_total"] <= (
+      entry["encoder_passes_total"])  # the live count adds novel tails alike
+  assert entry["replays"]["p0"]["known_largest_gap_pp"] == pytest.approx(
+      entry["known_largest_gap_pp"])
+  coarse = entry["replays"]["p0.2"]
+  assert coarse["precision"] == pytest.approx(0.05)
+  assert coarse["encoder_passes_total"] <= (
+      entry["replays"]["p0"]["encoder_passes_total"])
+  assert entry["replays"]["old"]["checkpoints"] == [800]
+  assert entry["known_radius_lost_max"] >= 0.0
   with open(tmp_path / "w" / "summary.json") as fh:
     assert json.load(fh)["sequential"] == json.loads(json.dumps(
         summary["sequential"]))
@@ -65,11 +90,26 @@ def test_sequential_mode_writes_draws_and_matches_fixed_n(tmp_path):
     ("sequential.schedule", (200, 200, 800), "strictly increasing"),
     ("sequential.schedule", (0, 800), "block size must be >= 1"),
     ("sequential.schedule", (200, 400), "must end at n_max"),
+    ("sequential.precision_sigmas", -0.1, "precision_sigmas must be"),
+    ("sequential.replay_precision_sigmas", (0.1, -1.0),
+     "replay_precision_sigmas must be"),
 ])
 def test_bad_sequential_settings_are_refused_before_anything_is_written(
     tmp_path, field, value, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):
     certify(tiny_config(**{**SEQ, field: value}), tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"sequential.n_max": 1600}, "needs --config.n >= --config.sequential.n_max"),
+    ({"sequential.compare_fixed": False}, "needs --config.sequential.compare_fixed"),
+])
+def test_replays_need_the_fixed_n_draws(tmp_path, overrides, fragment):
+  config = tiny_config(**{**SEQ, "sequential.replay_precision_sigmas": (0.1,),
+                          **overrides})
+  with pytest.raises(ConfigError, match=re.escape(fragment)):
+    certify(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
 
 
@@ -98,3 +138,23 @@ def test_paper_sequential_variant_writes_its_table_and_figure(tmp_path):
   with open(os.path.join(workdir, "tables", "sequential.md")) as f:
     assert "passes_ratio" in f.readline()
   assert os.path.isfile(os.path.join(workdir, "figures", "sequential_toy.png"))
+
+
+def test_sequential_exact_entry_point_writes_its_table_and_figure(tmp_path):
+  """CI-sized: n_max 1600, two pA, one precision."""
+  out = tmp_path / "exact"
+  proc = run_cli("experiments.sequential_exact", f"--out={out}",
+                 "--n_max=1600", "--p_a=0.6,0.999", "--precision_sigmas=0.2",
+                 "--schedule=100x1.5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = (out / "table.md").read_text()
+  assert "| pA | old (1000x2) | 100x1.5, 0.2σ |" in table
+  rows = [line for line in table.splitlines() if line.startswith("| 0.")]
+  assert len(rows) == 2
+  # At pA = 0.999 the old rule certifies max_radius at its first look.
+  assert rows[1].split("|")[2].strip().startswith("1,000 /")
+  assert (out / "rules.png").stat().st_size > 10_000
+  bad = run_cli("experiments.sequential_exact", f"--out={tmp_path / 'bad'}",
+                "--schedule=1.5x500")
+  assert_one_line_error(bad, "--schedule must read FIRSTxGROWTH")
+  assert not (tmp_path / "bad").exists()

@@ -121,6 +121,7 @@ def validate(config) -> None:
   if config.mode == "sequential":
     for sigma in config.sigmas:
       sequential_job.seq_params(config, sigma)
+    sequential_job.replays(config)
   if config.method not in METHODS:
     raise ConfigError(f"--config.method must be one of {METHODS}; got "
                       f"{config.method!r}")
@@ -693,14 +694,16 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
       acc = " ".join(f"{entry['certified_accuracy'].get(r, 0.0):7.3f}" for r in radii)
       speed = entry.get("speedup_over_standard")
       speed = f"{speed:7.1f}x" if speed is not None else " " * 8
-      w(f"{role:{width}} {METHOD_NAMES[method]:32} {acc} "
+      label = METHOD_NAMES.get(method) or sequential_job.method_label(method)
+      w(f"{role:{width}} {label:32} {acc} "
         f"{entry['seconds_per_input']:9.4f} {speed}\n")
   if c.mode == "ovc":
     w(f"\nCached-OVC identical to standard RS: "
       f"{summary['cached_identical_to_standard']}\n")
     w(f"{APPROXIMATE_NOTE} (margin delta = {c.mvn.delta})\n")
   for name, e in summary.get("sequential", {}).items():
-    w(f"\nsequential ({name}): max_radius {e['max_radius']:g}, checkpoints "
+    w(f"\nsequential ({name}): max_radius {e['max_radius']:g}, precision "
+      f"{e.get('precision')}, checkpoints "
       f"{e['checkpoints']}; mean draws per known prompt "
       f"{e['mean_draws_per_known_prompt']:,.0f}; encoder passes "
       f"{e['encoder_passes_total']:,} over {e['inputs']} inputs")
@@ -709,8 +712,18 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
         f"{e['fixed_n']:,} ({e['passes_ratio']:.1f}x fewer); largest gap in "
         f"certified accuracy up to max_radius: known prompts "
         f"{e.get('known_largest_gap_pp', float('nan')):.2f} pp, novel "
-        f"{e.get('novel_largest_gap_pp', float('nan')):.2f} pp")
+        f"{e.get('novel_largest_gap_pp', float('nan')):.2f} pp; largest "
+        f"radius lost: known {e.get('known_radius_lost_max', float('nan')):.3f}"
+        f", novel {e.get('novel_radius_lost_max', float('nan')):.3f}")
     w(f"\nstops of the known prompts: {e['stops']}\n")
+    for tag, r in e.get("replays", {}).items():
+      w(f"  replayed {tag:6} passes {r['encoder_passes_total']:>9,} "
+        f"({r['passes_ratio']:5.1f}x fewer), mean draws "
+        f"{r['mean_draws_per_known_prompt']:>7,.0f}, largest gap known "
+        f"{r.get('known_largest_gap_pp', float('nan')):.2f} pp / novel "
+        f"{r.get('novel_largest_gap_pp', float('nan')):.2f} pp, radius lost "
+        f"{r.get('known_radius_lost_max', float('nan')):.3f} / "
+        f"{r.get('novel_radius_lost_max', float('nan')):.3f}\n")
   w("s/input: seconds to certify one input for one prompt by that method "
     "(mean over the prompts), compilation excluded\n")
   w(f"results: {setup.workdir}/summary.json, {setup.workdir}/tsv/ and "

@@ -27,7 +27,7 @@ import numpy as np
 from experiments import common
 from ovc_jax import ovc
 from ovc_jax import results
-from ovc_jax.certifiers.sequential import SequentialParams
+from ovc_jax.certifiers.sequential import STOP_REASONS, SequentialParams
 from ovc_jax.errors import ConfigError
 
 COLUMNS = ("draws", "stop", "encoder_passes")
@@ -38,9 +38,22 @@ SEQUENTIAL_METHODS = {"sequential": "sequential CERTIFY",
 FIXED_METHODS = ("standard", "cached")
 
 
+def _precision(value, flag: str) -> float:
+  try:
+    e = float(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"--config.sequential.{flag} must be a number >= 0 "
+                      f"(0: off); got {value!r}") from None
+  if not e >= 0 or not math.isfinite(e):
+    raise ConfigError(f"--config.sequential.{flag} must be a finite number "
+                      f">= 0 (precision = it x sigma; 0: off); got {e}")
+  return e
+
+
 def seq_params(config, sigma: float) -> SequentialParams:
   """The stopping rule of one sigma; a ConfigError names the flag."""
   s = config.sequential
+  precision = _precision(s.precision_sigmas, "precision_sigmas")
   try:
     r = float(s.max_radius_sigmas)
   except (TypeError, ValueError):
@@ -53,7 +66,8 @@ def seq_params(config, sigma: float) -> SequentialParams:
   try:
     return SequentialParams(max_radius=r * sigma, n_max=s.n_max,
                             first_block=s.first_block, growth=s.growth,
-                            schedule=schedule, alpha_split=s.alpha_split)
+                            schedule=schedule, alpha_split=s.alpha_split,
+                            precision=precision * sigma or None)
   except ConfigError as e:
     text = str(e)
     flags = [name for name, words in (
@@ -64,6 +78,50 @@ def seq_params(config, sigma: float) -> SequentialParams:
         f"--config.sequential.{f}" for f in flags or ["*"])) from e
 
 
+OLD_RULE = "old"  # the previous rule: 1000, 2000, 4000, ... (at most n_max); no precision
+
+
+def replays(config) -> list[str]:
+  """Tags of the rules replayed on the fixed-n draws: "p0.08" (precision
+  0.08 sigma; "p0": off) on the configured schedule, then OLD_RULE."""
+  s = config.sequential
+  try:
+    values = list(s.replay_precision_sigmas)
+  except TypeError:
+    raise ConfigError("--config.sequential.replay_precision_sigmas must be a "
+                      "list of numbers >= 0; got "
+                      f"{s.replay_precision_sigmas!r}") from None
+  tags = [f"p{_precision(v, 'replay_precision_sigmas'):g}" for v in values]
+  if not tags:
+    return []
+  if not s.compare_fixed:
+    raise ConfigError("--config.sequential.replay_precision_sigmas replays "
+                      "rules on the fixed-n draws: it needs "
+                      "--config.sequential.compare_fixed=True")
+  if config.n < s.n_max:
+    raise ConfigError(f"--config.sequential.replay_precision_sigmas needs "
+                      f"--config.n >= --config.sequential.n_max ({s.n_max}); "
+                      f"got n = {config.n}")
+  return tags + [OLD_RULE]
+
+
+def replay_params(config, sigma: float, tag: str) -> SequentialParams:
+  base = seq_params(config, sigma)
+  if tag == OLD_RULE:
+    return base.replace(first_block=min(1000, base.n_max), growth=2.0,
+                        schedule=None,
+                        precision=None)
+  return base.replace(precision=float(tag[1:]) * sigma or None)
+
+
+def method_label(method: str) -> str:
+  """How the tables name a method of this mode."""
+  if method in SEQUENTIAL_METHODS:
+    return SEQUENTIAL_METHODS[method]
+  role, tag = method.split("@")
+  return f"{SEQUENTIAL_METHODS[role]} @{tag}"
+
+
 def groups(setup):
   """(role, method, prompt) of every table of one (sigma, base)."""
   yield from (("known", "sequential", p) for p in setup.known)
@@ -72,6 +130,9 @@ def groups(setup):
   if setup.config.sequential.compare_fixed:
     yield from (("known", "standard", p) for p in setup.known)
     yield from (("novel", "cached", p) for p in setup.novel)
+  for tag in replays(setup.config):
+    yield from (("known", f"sequential@{tag}", p) for p in setup.known)
+    yield from (("novel", f"sequential_cached@{tag}", p) for p in setup.novel)
 
 
 def certify_input(setup, job, idx: int, x, key, sigma: float, base: str):
@@ -111,7 +172,51 @@ def certify_input(setup, job, idx: int, x, key, sigma: float, base: str):
           p.class_embeddings, params))
       rows.append(job.Row("cached", p, sigma, result.certificate, secs, result,
                           base, (c.n, "fixed", 0)))
+    novel_stack = [p.class_embeddings for p in setup.novel]
+    for tag in replays(c):
+      replay, secs = job._timed(lambda: ovc.replay_sequential(  # pylint: disable=protected-access
+          fixed.caches.embedding_draws, stack, novel_stack, params,
+          replay_params(c, sigma, tag)))
+      # encoder_passes: the whole input's on every row (a live run's count).
+      for role, prompts, found in (("sequential", setup.known, replay.known),
+                                   ("sequential_cached", setup.novel,
+                                    replay.novel)):
+        rows += [job.Row(f"{role}@{tag}", p, sigma, r.certificate, secs, None,
+                         base, (r.draws, r.reason, replay.encoder_passes))
+                 for p, r in zip(prompts, found)]
   return rows
+
+
+def _radius_lost(seq_paths, fixed_paths, max_radius: float) -> float:
+  """The largest radius (clipped at max_radius) a pair certified by fixed n
+  lost to the sequential rule; a class fixed n certified and the rule did not
+  counts its whole radius."""
+  lost = 0.0
+  for a, b in zip(seq_paths, fixed_paths):
+    seq, fixed = results.read_tsv(a), results.read_tsv(b)
+    r_seq = np.where(seq["predict"] == fixed["predict"],
+                     np.minimum(seq["radius"], max_radius), 0.0)
+    r_fixed = np.where(fixed["predict"] >= 0,
+                       np.minimum(fixed["radius"], max_radius), 0.0)
+    lost = max(lost, float(np.max(r_fixed - r_seq, initial=0.0)))
+  return lost
+
+
+def _compare(entry, setup, path, radii, max_radius, seq_known, seq_novel):
+  """Adds the curves' largest gaps and the radius lost against fixed n."""
+  for role, seq_m, fix_m, prompts in (
+      ("known", seq_known, "standard", setup.known),
+      ("novel", seq_novel, "cached", setup.novel)):
+    if not prompts:
+      continue
+    a = _accuracy([path(seq_m, p) for p in prompts], radii)
+    f = _accuracy([path(fix_m, p) for p in prompts], radii)
+    entry[f"{role}_largest_gap_pp"] = float(np.max(np.abs(a - f)) * 100)
+    entry[f"{role}_radius_lost_max"] = _radius_lost(
+        [path(seq_m, p) for p in prompts], [path(fix_m, p) for p in prompts],
+        max_radius)
+    entry[f"{role}_curves"] = {"radii": radii.tolist(),
+                               "sequential": a.tolist(), "fixed": f.tolist()}
 
 
 def _accuracy(paths, radii) -> np.ndarray:
@@ -145,25 +250,36 @@ def summarize(setup, job) -> dict:
           "mean_draws_per_novel_prompt_cached": float(np.mean(
               [results.read_tsv(path("sequential_cached", p))["draws"]
                for p in setup.novel])) if setup.novel else None,
+          "precision": sp.precision,
           "stops": {reason: int(sum(np.sum(k["stop"] == reason) for k in known))
-                    for reason in ("abstain", "radius", "n_max")},
+                    for reason in STOP_REASONS},
       }
       if c.sequential.compare_fixed:
         fixed_total = len(shared) * (c.n0 + c.n)
         entry["fixed_n"] = c.n
         entry["fixed_encoder_passes_total"] = fixed_total
         entry["passes_ratio"] = fixed_total / max(entry["encoder_passes_total"], 1)
-        for role, seq_m, fix_m, prompts in (
-            ("known", "sequential", "standard", setup.known),
-            ("novel", "sequential_cached", "cached", setup.novel)):
-          if not prompts:
-            continue
-          a = _accuracy([path(seq_m, p) for p in prompts], radii)
-          f = _accuracy([path(fix_m, p) for p in prompts], radii)
-          entry[f"{role}_largest_gap_pp"] = float(np.max(np.abs(a - f)) * 100)
-          entry[f"{role}_curves"] = {"radii": radii.tolist(),
-                                     "sequential": a.tolist(),
-                                     "fixed": f.tolist()}
+        _compare(entry, setup, path, radii, sp.max_radius, "sequential",
+                 "sequential_cached")
+        entry["replays"] = {}
+        for tag in replays(c):
+          known_r = [results.read_tsv(path(f"sequential@{tag}", p))
+                     for p in setup.known]
+          passes = int(known_r[0]["encoder_passes"].sum())
+          rp = replay_params(c, sigma, tag)
+          e = {"precision": rp.precision, "checkpoints": list(rp.checkpoints()),
+               "encoder_passes_total": passes,
+               "passes_ratio": fixed_total / max(passes, 1),
+               "mean_draws_per_known_prompt": float(np.mean(
+                   [k["draws"] for k in known_r])),
+               "stops": {reason: int(sum(np.sum(k["stop"] == reason)
+                                         for k in known_r))
+                         for reason in STOP_REASONS}}
+          _compare(e, setup, path, radii, sp.max_radius, f"sequential@{tag}",
+                   f"sequential_cached@{tag}")
+          for role in ("known", "novel"):
+            e.pop(f"{role}_curves", None)
+          entry["replays"][tag] = e
       out[os.path.join(base, f"sigma_{sigma:g}")] = entry
   return out
 

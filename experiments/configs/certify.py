@@ -107,11 +107,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.sequential = config_dict.ConfigDict()
   c.sequential.max_radius_sigmas = 2.0  # stop once the radius reaches this x sigma
   c.sequential.n_max = 100_000        # the most estimation draws
-  c.sequential.first_block = 1000     # the first checkpoint (a multiple of batch_size wastes nothing)
-  c.sequential.growth = 2.0           # geometric checkpoints: 1000, 2000, 4000, ...
+  c.sequential.first_block = 500      # the first checkpoint (a multiple of batch_size wastes nothing)
+  c.sequential.growth = 1.5           # geometric checkpoints: 500, 1000, 1500, 2500, 4000, ...
   c.sequential.schedule = ()          # or explicit checkpoints, strictly increasing, ending at n_max
   c.sequential.alpha_split = "uniform"  # or "basel"
+  c.sequential.precision_sigmas = 0.12  # stop once more draws add <= this x sigma of radius; 0: off
   c.sequential.compare_fixed = True   # also fixed-n CERTIFY at n = --config.n on the same keys
+  # Other rules replayed exactly on the fixed-n pass's draws (no encoder pass;
+  # needs compare_fixed and n >= n_max): these precisions (x sigma, 0: off) on
+  # the schedule above, and "old": first block 1000, growth 2, no precision.
+  c.sequential.replay_precision_sigmas = ()
 
   for variant in filter(None, (arg or "").split(",")):
     _apply(c, variant.strip())
@@ -136,6 +141,8 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
   elif variant == "sequential":
     c.mode = "sequential"
     c.n = c.sequential.n_max = 100_000  # fixed-n beside it at the same n
+    c.batch_size = 500                  # checkpoints are multiples of it
+    c.sequential.replay_precision_sigmas = (0.0, 0.04, 0.08, 0.16, 0.24)
   elif variant in ("standard", "irs", "cached", "mvn"):
     c.mode = "single"
     c.method = variant

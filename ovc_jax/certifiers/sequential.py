@@ -12,12 +12,24 @@ and it stops as soon as
 
   upper_j <= 1/2                         -> ABSTAIN                ("abstain")
   sigma * PhiInv(lower_j) >= max_radius  -> (cA, that radius)      ("radius")
+  r(min(upper_j, p_cap)) - r(lower_j) <= precision
+                                         -> CERTIFY's last lines   ("precision")
   n_j == n_max                           -> CERTIFY's last lines   ("n_max")
+
+where r(p) = sigma * PhiInv(p) for p > 1/2 and 0 otherwise and p_cap =
+Phi((max_radius + precision) / sigma): the precision stop (off unless
+`precision` is set) ends the sampling once more draws could raise the radius
+by at most `precision`, counting growth up to max_radius + precision (so that
+a radius that would reach max_radius does not stop just below it). A prompt whose
+selection draws gave no class abstains at the first checkpoint, as CERTIFY
+does.
 
 By the union bound P[exists j: pA < lower_j] <= sum_j alpha_j <= alpha, so the
 bound at whatever checkpoint the rule stops at is a valid lower confidence
 bound, and the certificate holds with probability >= 1 - alpha, as CERTIFY's
-does. The class cA is chosen on the n0 selection draws, which the stopping
+does, whichever rule stopped it (the upper bounds only choose the stopping
+time). `ovc_jax.sequential_exact` computes the rule's stopping distribution
+exactly. The class cA is chosen on the n0 selection draws, which the stopping
 rule never looks at. The radius reported is the one reached (>= max_radius
 when the rule stops for it), not clipped. See docs/SEQUENTIAL.md.
 
@@ -50,6 +62,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from ovc_jax import bounds
 from ovc_jax import certificates
@@ -64,7 +77,9 @@ ALPHA_SPLITS = ("uniform", "basel")
 # Why a run stopped (SequentialResult.reason).
 STOP_ABSTAIN = "abstain"   # upper_j <= 1/2
 STOP_RADIUS = "radius"     # sigma * PhiInv(lower_j) >= max_radius
+STOP_PRECISION = "precision"  # more draws raise the radius by <= precision
 STOP_N_MAX = "n_max"       # the last checkpoint
+STOP_REASONS = (STOP_ABSTAIN, STOP_RADIUS, STOP_PRECISION, STOP_N_MAX)
 
 
 def _is_int(value) -> bool:
@@ -87,6 +102,10 @@ class SequentialParams:
       ending at n_max); first_block and growth are then not used.
     alpha_split: how alpha is shared among the J checkpoints: "uniform"
       (alpha / J each) or "basel" (alpha * 6 / (pi^2 j^2) at checkpoint j).
+    precision: stop once more draws could raise the radius by at most this
+      (in the noise space's units; growth counted up to max_radius +
+      precision), judged from the upper bound at the same alpha_j; None (the
+      default) turns the precision stop off.
   """
 
   max_radius: float
@@ -95,6 +114,7 @@ class SequentialParams:
   growth: float = 2.0
   schedule: tuple[int, ...] | None = None
   alpha_split: str = "uniform"
+  precision: float | None = None
 
   def __post_init__(self):
     r = self.max_radius
@@ -106,6 +126,12 @@ class SequentialParams:
     if self.alpha_split not in ALPHA_SPLITS:
       raise ConfigError(f"unknown alpha split {self.alpha_split!r}; choose "
                         f"from {ALPHA_SPLITS}")
+    e = self.precision
+    if e is not None and (
+        not isinstance(e, (int, float, np.integer, np.floating))
+        or isinstance(e, bool) or not np.isfinite(e) or not e > 0):
+      raise ConfigError(f"precision must be a finite number > 0 (or None); "
+                        f"got {e}")
     if self.schedule is not None:
       _check_schedule(self.schedule, self.n_max)
       object.__setattr__(self, "schedule",
@@ -175,7 +201,7 @@ class SequentialResult(NamedTuple):
       estimation draws; `pA_lower` the bound at level alpha_j).
     draws: estimation draws used, n_j of the stopping checkpoint.
     checkpoint: j, the index into `SequentialParams.checkpoints()`.
-    reason: why it stopped: "abstain", "radius" or "n_max".
+    reason: why it stopped: "abstain", "radius", "precision" or "n_max".
     pA_upper: the upper bound at the stopping checkpoint (same alpha_j).
   """
 
@@ -200,6 +226,45 @@ class OutOfDraws(NamedTuple):
   draws_used: int
   draws_needed: int
   checkpoint: int
+
+
+def _radius(p, sigma: float) -> np.ndarray:
+  """r(p) = sigma * PhiInv(p) where p > 1/2, else 0 (float64)."""
+  p = np.asarray(p, np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    r = sigma * stats.norm.ppf(np.maximum(p, 0.5))
+  return np.where(p > 0.5, r, 0.0)
+
+
+def stop_reasons(k, n: int, alpha_j: float, *, last: bool, sigma: float,
+                 params: SequentialParams) -> tuple[np.ndarray, np.ndarray,
+                                                    np.ndarray]:
+  """The rule at one checkpoint, for counts k of cA among n draws (arrays).
+
+  Returns (reason, lower, upper): reason is an index into STOP_REASONS, or
+  -1 to go on; lower and upper the Clopper-Pearson bounds at alpha_j. The
+  order of the tests is the rule's: abstain, radius, precision, n_max.
+  """
+  k = np.asarray(k, np.int64)
+  lower = np.asarray(bounds.clopper_pearson_lower(k, n, alpha_j), np.float64)
+  upper = np.asarray(bounds.clopper_pearson_upper(k, n, alpha_j), np.float64)
+  r_low = _radius(lower, sigma)
+  reason = np.full(k.shape, -1, np.int64)
+  if last:
+    reason[:] = STOP_REASONS.index(STOP_N_MAX)
+  if params.precision is not None:
+    # Growth is counted up to max_radius + precision, not max_radius: capped
+    # at max_radius, a prompt whose radius would reach max_radius could stop
+    # just below it, and drop out of the curve at max_radius.
+    p_cap = float(stats.norm.cdf((params.max_radius + params.precision)
+                                 / sigma))
+    gain = _radius(np.minimum(upper, p_cap), sigma) - r_low
+    reason = np.where(gain <= params.precision,
+                      STOP_REASONS.index(STOP_PRECISION), reason)
+  reason = np.where((lower > 0.5) & (r_low >= params.max_radius),
+                    STOP_REASONS.index(STOP_RADIUS), reason)
+  reason = np.where(upper <= 0.5, STOP_REASONS.index(STOP_ABSTAIN), reason)
+  return reason, lower, upper
 
 
 # draw_counts_fn(first_index, num_samples) -> counts [C] (or [P, C]) of the
@@ -243,6 +308,7 @@ def sequential_certify_many(draw_counts_fn: DrawCountsFn, counts0, *,
                      f"{counts0.shape}")
   num_prompts, num_classes = counts0.shape
   c_a = np.argmax(counts0, axis=-1)
+  no_class = ~counts0.any(axis=-1)
   rows = np.arange(num_prompts)
   checkpoints = params.checkpoints()
   alphas = params.checkpoint_alphas(alpha)
@@ -271,25 +337,20 @@ def sequential_certify_many(draw_counts_fn: DrawCountsFn, counts0, *,
     counts += block
     drawn = n_j
     k = counts[rows, c_a]
-    lower = np.atleast_1d(bounds.clopper_pearson_lower(k, n_j, alphas[j]))
-    upper = np.atleast_1d(bounds.clopper_pearson_upper(k, n_j, alphas[j]))
+    reason, lower, upper = stop_reasons(k, n_j, alphas[j], last=j == last,
+                                        sigma=sigma, params=params)
+    # A prompt whose selection draws gave no class abstains, as CERTIFY does.
+    reason = np.where(no_class, STOP_REASONS.index(STOP_ABSTAIN), reason)
     for p in active:
-      if upper[p] <= 0.5:
-        reason = STOP_ABSTAIN
-        cert = certificates.certificate_from_lower_bound(
-            ABSTAIN, lower[p], counts[p].copy(), sigma)
-      elif (lower[p] > 0.5 and certificates.radius_from_lower_bound(
-          lower[p], sigma) >= params.max_radius):
-        reason = STOP_RADIUS
-        cert = certificates.certificate_from_lower_bound(
-            int(c_a[p]), lower[p], counts[p].copy(), sigma)
-      elif j == last:
-        reason = STOP_N_MAX
-        cert = certificates.certificate_from_lower_bound(
-            int(c_a[p]), lower[p], counts[p].copy(), sigma)
-      else:
+      if reason[p] < 0:
         continue
-      results[p] = SequentialResult(cert, int(n_j), j, reason, float(upper[p]))
+      why = STOP_REASONS[reason[p]]
+      prediction = (ABSTAIN if why == STOP_ABSTAIN or no_class[p]
+                    else int(c_a[p]))
+      p_lower = 0.0 if no_class[p] else lower[p]
+      cert = certificates.certificate_from_lower_bound(
+          prediction, p_lower, counts[p].copy(), sigma)
+      results[p] = SequentialResult(cert, int(n_j), j, why, float(upper[p]))
   return results  # type: ignore[return-value]
 
 
