@@ -284,13 +284,42 @@ def summarize(setup, job) -> dict:
   return out
 
 
+def _draw_tradeoff(ax, entry: dict, sigma: float) -> None:
+  """Encoder passes saved against the curves' largest gap, one point per rule
+  (the run's own and each replay), known and novel prompts."""
+  import matplotlib.ticker as ticker  # pylint: disable=g-import-not-at-top
+  own = (f"run, p{entry['precision'] / sigma:g}" if entry.get("precision")
+         else "run")
+  points = [(own, entry)] + list(entry.get("replays", {}).items())
+  for role, marker, color in (("known", "o", "tab:blue"),
+                              ("novel", "s", "tab:orange")):
+    xs = [e["passes_ratio"] for _, e in points]
+    ys = [e.get(f"{role}_largest_gap_pp", np.nan) for _, e in points]
+    ax.plot(xs, ys, marker, color=color, label=f"{role} prompts")
+    for (tag, _), x, y in zip(points, xs, ys):
+      ax.annotate(tag, (x, y), fontsize=6, xytext=(3, 3),
+                  textcoords="offset points")
+  ax.axhline(1.0, color="tab:gray", linewidth=0.8, linestyle=":")
+  ax.set_xscale("log")
+  ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xlabel("encoder passes: fixed n / rule (x fewer)")
+  ax.set_ylabel("largest certified-accuracy gap (pp)")
+  ax.set_title("trade-off: precision (x sigma) replayed on the fixed-n draws",
+               fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
 def draw(setup, job, summary: dict, out: str | None = None) -> str:
   """Draws-per-input histogram and the curves beside fixed-n (PNG)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   c = setup.config
   entries = list(summary.items())
-  fig, axes = plt.subplots(2, len(entries), figsize=(5.4 * len(entries), 7.6),
-                           dpi=120, squeeze=False)
+  rows = 3 if any(e.get("replays") for _, e in entries) else 2
+  fig, axes = plt.subplots(rows, len(entries),
+                           figsize=(5.4 * len(entries), 3.8 * rows), dpi=120,
+                           squeeze=False)
   for col, (name, e) in enumerate(entries):
     ax = axes[0][col]
     base, sigma_dir = os.path.split(name)
@@ -333,6 +362,8 @@ def draw(setup, job, summary: dict, out: str | None = None) -> str:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if rows == 3:
+      _draw_tradeoff(axes[2][col], e, sigma)
   fig.suptitle(f"Sequential CERTIFY: {job.model_title(setup)} on {c.dataset}"
                f"\nn_max = {c.sequential.n_max:,}, α = {c.alpha:g}", fontsize=9)
   fig.tight_layout()
