@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 from ovc_jax import bounds
+from ovc_jax import errors
 from ovc_jax import tracing
 from ovc_jax.errors import ConfigError
 
@@ -240,9 +241,7 @@ def certify_counts_jax(counts: Counts, smoothing: SmoothingParams, *,
   or a batch; concrete counts are checked on the host (`check_counts`), traced
   ones are not.
   """
-  if not isinstance(smoothing, SmoothingParams):
-    raise ConfigError(f"smoothing must be a SmoothingParams; got "
-                      f"{type(smoothing).__name__}")
+  errors.check_bundle(smoothing, SmoothingParams, "smoothing")
   if not isinstance(counts, Counts):
     raise ConfigError(f"counts must be a Counts(selection, estimation); got "
                       f"{type(counts).__name__}")

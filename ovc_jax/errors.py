@@ -29,3 +29,11 @@ class DataError(OVCError):
 
 class CacheError(OVCError):
   """A certification cache is missing, corrupted or was made from something else."""
+
+
+def check_bundle(value, cls: type, name: str) -> None:
+  """Raises ConfigError unless `value` is the parameter bundle `cls`."""
+  if not isinstance(value, cls):
+    article = "an" if cls.__name__[0] in "AEIOU" else "a"
+    raise ConfigError(f"{name} must be {article} {cls.__name__}; got "
+                      f"{type(value).__name__}")

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovc_jax import certificates
+from ovc_jax import errors
 from ovc_jax import sampler
 from ovc_jax import tracing
 from ovc_jax.certificates import Certificate, Counts, SmoothingParams
@@ -444,12 +445,8 @@ class CachedParams:
 
 
 def _check_params(smoothing: Any, cached: Any) -> None:
-  if not isinstance(smoothing, SmoothingParams):
-    raise ConfigError(f"smoothing must be a SmoothingParams; got "
-                      f"{type(smoothing).__name__}")
-  if not isinstance(cached, CachedParams):
-    raise ConfigError(f"cached must be a CachedParams; got "
-                      f"{type(cached).__name__}")
+  errors.check_bundle(smoothing, SmoothingParams, "smoothing")
+  errors.check_bundle(cached, CachedParams, "cached")
 
 
 def _checked_cache(cache: EmbeddingDraws, class_embeddings: Any):
@@ -482,9 +479,7 @@ def cached_counts(cache: EmbeddingDraws, class_embeddings: jax.Array,
   Concrete arrays are read by the host loop of `count_predictions`, traced
   ones by one scan in the program; the counts are the same.
   """
-  if not isinstance(cached, CachedParams):
-    raise ConfigError(f"cached must be a CachedParams; got "
-                      f"{type(cached).__name__}")
+  errors.check_bundle(cached, CachedParams, "cached")
   return _cached_counts(cache, _checked_cache(cache, class_embeddings),
                         cached.batch_size)
 

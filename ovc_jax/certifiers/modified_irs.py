@@ -38,6 +38,7 @@ import numpy as np
 
 from ovc_jax import bounds
 from ovc_jax import certificates
+from ovc_jax import errors
 from ovc_jax import sampler
 from ovc_jax.certifiers import standard
 from ovc_jax.certificates import Certificate, SmoothingParams
@@ -103,8 +104,7 @@ class IRSResult(NamedTuple):
 
 
 def _check_irs(irs: Any) -> None:
-  if not isinstance(irs, IRSParams):
-    raise ConfigError(f"irs must be an IRSParams; got {type(irs).__name__}")
+  errors.check_bundle(irs, IRSParams, "irs")
 
 
 def default_num_probe_draws(n: int) -> int:

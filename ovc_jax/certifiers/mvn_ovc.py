@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovc_jax import certificates
+from ovc_jax import errors
 from ovc_jax import sampler
 from ovc_jax import tracing
 from ovc_jax.certificates import ABSTAIN, Certificate, Counts, SmoothingParams
@@ -349,11 +350,8 @@ def check_margin(delta: float) -> None:
 
 
 def _check_params(smoothing: Any, mvn: Any) -> None:
-  if not isinstance(smoothing, SmoothingParams):
-    raise ConfigError(f"smoothing must be a SmoothingParams; got "
-                      f"{type(smoothing).__name__}")
-  if not isinstance(mvn, MVNParams):
-    raise ConfigError(f"mvn must be an MVNParams; got {type(mvn).__name__}")
+  errors.check_bundle(smoothing, SmoothingParams, "smoothing")
+  errors.check_bundle(mvn, MVNParams, "mvn")
 
 
 def _checked(fit: GaussianFit, class_embeddings: jax.Array):

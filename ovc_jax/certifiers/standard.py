@@ -23,15 +23,14 @@ import numpy as np
 from scipy import stats
 
 from ovc_jax import certificates
+from ovc_jax import errors
 from ovc_jax import sampler
 from ovc_jax.certificates import ABSTAIN, Certificate, Counts, SmoothingParams
 from ovc_jax.errors import ConfigError
 
 
 def _check_smoothing(smoothing: Any) -> None:
-  if not isinstance(smoothing, SmoothingParams):
-    raise ConfigError(f"smoothing must be a SmoothingParams; got "
-                      f"{type(smoothing).__name__}")
+  errors.check_bundle(smoothing, SmoothingParams, "smoothing")
 
 
 def certification_draws(key: jax.Array, apply_fn: sampler.ApplyFn,
