@@ -34,6 +34,9 @@ class CacheError(OVCError):
 def check_bundle(value, cls: type, name: str) -> None:
   """Raises ConfigError unless `value` is the parameter bundle `cls`."""
   if not isinstance(value, cls):
-    article = "an" if cls.__name__[0] in "AEIOU" else "a"
-    raise ConfigError(f"{name} must be {article} {cls.__name__}; got "
+    name_ = cls.__name__
+    # "an MVNParams", "an IRSParams", "a SmoothingParams": by the sound.
+    acronym = name_[:2].isupper() and name_[0] in "FHLMNRSX"
+    article = "an" if name_[0] in "AEIOU" or acronym else "a"
+    raise ConfigError(f"{name} must be {article} {name_}; got "
                       f"{type(value).__name__}")

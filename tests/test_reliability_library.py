@@ -475,3 +475,27 @@ def test_fourier_heatmap_refuses_labels_the_classifier_cannot_predict():
   with pytest.raises(InputError, match="labels must be >= 0"):
     fourier.fourier_heatmap(fourier.PlainClassifier(base), params, images,
                             [0, -1, 1], key, v=1.0, max_frequency=1)
+
+
+def test_each_certifier_names_a_parameter_bundle_of_the_wrong_type():
+  """Key first, then what is certified, then the bundles: a bundle passed in
+  the wrong place (or a dict) is refused by name, before any draw."""
+  params = LINEAR.params(ENCODER, U)
+  draws = cached_ovc.EmbeddingDraws(jnp.zeros((20, E)), jnp.zeros((200, E)))
+  fit = mvn_ovc.fit_gaussian(jnp.asarray(RNG.normal(size=(64, E)),
+                                         jnp.float32))
+  smoothing_as_dict = dataclasses.asdict(SMOOTHING)
+  cases = [
+      (lambda: standard.certify(KEY, LINEAR, params, X, smoothing_as_dict),
+       "smoothing must be a SmoothingParams; got dict"),
+      (lambda: cached_ovc.certify_cached(draws, U, SMOOTHING, MVNParams()),
+       "cached must be a CachedParams; got MVNParams"),
+      (lambda: mvn_ovc.certify_mvn(KEY, fit, U, SMOOTHING, IRSParams(n_p=5)),
+       "mvn must be an MVNParams; got IRSParams"),
+      (lambda: modified_irs.certify_known(KEY, LINEAR, LINEAR.params(
+          ENCODER, KNOWN_U), X, SMOOTHING, MVNParams()),
+       "irs must be an IRSParams; got MVNParams"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ConfigError, match=message):
+      call()
