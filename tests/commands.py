@@ -33,9 +33,14 @@ ENV = dict(PLAIN_ENV, JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
 # waits there until it is signalled. A test that kills it or presses Ctrl-C
 # after seeing done.txt grow thus always finds it mid-input, however fast the
 # run is and however late the signal comes; only the moment changes, not the
-# code the signal interrupts or what the command does with it.
+# code the signal interrupts or what the command does with it. Ctrl-C gets
+# the handler Python installs in a terminal: where the tests run with SIGINT
+# ignored (pytest started as a background job of a non-interactive shell,
+# `nohup ... &`), the child inherits that, and Python would leave SIGINT
+# ignored, so that the run would never see the test's Ctrl-C.
 _PAUSED_CERTIFY = """
-import os, runpy, sys, time
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from experiments.common import certify_job
 certify_novel = certify_job.certify_novel
 done_at_start = {}
@@ -62,3 +67,4 @@ def paused_certify(*args: str) -> list[str]:
   """The command line of `python -m experiments.certify ARGS...` that pauses
   after its first input (see _PAUSED_CERTIFY); run it in REPO."""
   return [sys.executable, "-c", _PAUSED_CERTIFY, *args]
+

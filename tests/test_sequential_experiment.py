@@ -12,7 +12,7 @@ from ovc_jax import results
 from ovc_jax.errors import ConfigError
 
 from test_reliability_experiments import (assert_one_line_error, certify,
-                                          run_cli, tiny_config)
+                                          tiny_config)
 
 SEQ = {"mode": "sequential", "n": 800, "sequential.n_max": 800,
        "sequential.first_block": 200, "sequential.max_radius_sigmas": 1.0}
@@ -73,10 +73,10 @@ def test_bad_sequential_settings_are_refused_before_anything_is_written(
   assert not (tmp_path / "w").exists()
 
 
-def test_a_bad_schedule_flag_is_one_line(tmp_path):
-  proc = run_cli("experiments.certify", f"--workdir={tmp_path / 'w'}",
-                 "--config=experiments/configs/certify.py:sequential",
-                 "--config.sequential.schedule=4000,2000,100000")
+def test_a_bad_schedule_flag_is_one_line(warm_python, tmp_path):
+  proc = warm_python.run("experiments.certify", f"--workdir={tmp_path / 'w'}",
+                         "--config=experiments/configs/certify.py:sequential",
+                         "--config.sequential.schedule=4000,2000,100000")
   assert_one_line_error(proc, "strictly increasing",
                         "--config.sequential.schedule")
   assert not (tmp_path / "w").exists()
