@@ -2,8 +2,6 @@
 bad inputs, and the attack experiment's error handling."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,6 @@ from ovc_jax import clipure
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError, InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (4, 4, 3)
 D = int(np.prod(SHAPE))
 E, C = 8, 4
@@ -187,19 +184,18 @@ def test_images_outside_the_pixel_box_raise_input_error():
 
 
 # ---------------------------------------------------------------------------
-# The experiment's bad flags: one line, exit status 1.
-
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+# The experiment's bad flags: one line, exit status 1 (conftest's warm_python:
+# the command as `python -m` runs it, without starting Python and JAX again).
 
 
 @pytest.mark.parametrize("flag,word", [("--config.linf.eps=-0.1", "eps"),
                                        ("--config.steps=-1", "steps"),
                                        ("--config.l2.step_size=0", "step size")])
-def test_attack_experiment_bad_flag_exits_1_with_one_line(tmp_path, flag, word):
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.attack", f"--workdir={tmp_path}",
-       "--config=experiments/configs/attack.py:quick", flag],
-      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+def test_attack_experiment_bad_flag_exits_1_with_one_line(warm_python, tmp_path,
+                                                          flag, word):
+  proc = warm_python.run("experiments.attack", f"--workdir={tmp_path}",
+                         "--config=experiments/configs/attack.py:quick", flag,
+                         timeout=300)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr

@@ -33,6 +33,7 @@ from ovc_jax import results
 from ovc_jax.errors import OVCError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import commands  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_experiments import ENV, REPO, TINY, run, tsv_rows_without_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CHILD_ENV = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -51,17 +52,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def processes(workdir, n=2, extra=tuple(CLIPURE)):
-  """Starts n certify processes of one run; always kills them at the end."""
+def processes(workdir, n=2, extra=tuple(CLIPURE), paused=False):
+  """Starts n certify processes of one run; always kills them at the end.
+
+  paused: each process pauses mid-input once it has finished an input of its
+  share (commands.paused_certify), until it is killed.
+  """
   port = free_port()
   procs = []
   try:
     for k in range(n):
+      args = [f"--workdir={workdir}", *extra, *TINY, "--distributed",
+              f"--coordinator_address=127.0.0.1:{port}",
+              f"--num_processes={n}", f"--process_id={k}"]
       procs.append(subprocess.Popen(
-          [sys.executable, "-m", "experiments.certify", f"--workdir={workdir}",
-           *extra, *TINY, "--distributed",
-           f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-           f"--process_id={k}"],
+          commands.paused_certify(*args) if paused else
+          [sys.executable, "-m", "experiments.certify", *args],
           cwd=REPO, env=CHILD_ENV, stdout=subprocess.PIPE,
           stderr=subprocess.PIPE, text=True, start_new_session=True))
     yield procs
@@ -96,7 +102,7 @@ def reference(tmp_path_factory):
 
 
 def test_two_processes_killed_restarted_and_merged_equal_one_process(
-    reference, tmp_path):
+    reference, warm_python, tmp_path):
   """SIGKILL mid-run, a refused merge, a restart: the one-process rows.
 
   (One flow, not two tests, to keep the file CI-sized: the restart is a
@@ -105,7 +111,10 @@ def test_two_processes_killed_restarted_and_merged_equal_one_process(
   ref, ref_seconds = reference
   workdir = str(tmp_path / "killed")
   done0 = os.path.join(distributed.part_dir(workdir, 0, 2), "done.txt")
-  with processes(workdir) as procs:
+  # Process 0 (inputs 0 and 800) pauses in input 800 once input 0 is done;
+  # process 1 (input 400) finishes its share and waits for it: both are
+  # still running when the kills land, however slow the machine.
+  with processes(workdir, paused=True) as procs:
     deadline = time.time() + TIMEOUT_S
     while time.time() < deadline and all(p.poll() is None for p in procs):
       if distributed.read_done(done0):
@@ -127,8 +136,8 @@ def test_two_processes_killed_restarted_and_merged_equal_one_process(
     missing = distributed.missing_inputs(workdir, indices, 2)
   done_before = len(indices) - sum(len(v) for v in missing.values())
 
-  proc = run("experiments.merge", f"--workdir={workdir}", check=False,
-             timeout=TIMEOUT_S)
+  proc = warm_python.run("experiments.merge", f"--workdir={workdir}",
+                         timeout=TIMEOUT_S)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: cannot merge"), lines
@@ -139,8 +148,8 @@ def test_two_processes_killed_restarted_and_merged_equal_one_process(
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
   # A one-process run on it is refused.
-  proc = run("experiments.certify", f"--workdir={workdir}", *CLIPURE, *TINY,
-             check=False, timeout=TIMEOUT_S)
+  proc = warm_python.run("experiments.certify", f"--workdir={workdir}",
+                         *CLIPURE, *TINY, timeout=TIMEOUT_S)
   assert proc.returncode == 1 and "2 processes" in proc.stderr
 
   start = time.perf_counter()

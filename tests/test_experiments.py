@@ -1,6 +1,10 @@
 """The experiments, end to end on the embedded default (the toy-world CLIP).
 
-Each command runs as a user runs it, in a subprocess, in CI-sized settings.
+Each command runs as a user runs it, in a subprocess, in CI-sized settings:
+a fresh interpreter where the test is about the run or its process (kill,
+resume, timings), a fork of one warm interpreter (conftest's `warm_python`)
+where only the command's output matters (bad flags, analysis of a finished
+run).
 """
 
 import json
@@ -15,9 +19,8 @@ import pytest
 
 from ovc_jax import results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-           PYTHONUNBUFFERED="1")
+import commands
+from commands import ENV, PLAIN_ENV, REPO
 
 # A CI-sized ovc-mode run: 3 toy test images, one sigma, small n.
 TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
@@ -25,9 +28,10 @@ TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
         "--config.batch_size=200", "--config.num_novel=2"]
 
 
-def run(module, *args, check=True, timeout=600):
+def run(module, *args, check=True, timeout=600, env=None):
   proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=ENV, capture_output=True, text=True, timeout=timeout)
+                        env=ENV if env is None else env, capture_output=True,
+                        text=True, timeout=timeout)
   if check:
     assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
@@ -47,9 +51,10 @@ def tsv_rows_without_time(workdir):
 
 
 @pytest.fixture(scope="module")
-def certify_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("certify"))
-  proc = run("experiments.certify", f"--workdir={workdir}", *TINY)
+def certify_run(tiny_certify_run):
+  """conftest's session-wide TINY run (tests/test_distributed.py's reference
+  too): (workdir, completed process)."""
+  workdir, proc, _ = tiny_certify_run
   return workdir, proc
 
 
@@ -98,9 +103,12 @@ def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
   reference, _ = certify_run
   workdir = str(tmp_path / "killed")
   done = os.path.join(workdir, "done.txt")
-  for _ in range(2):  # kill -9 twice, at different points
+  # kill -9 twice, at different points: each run pauses in the middle of the
+  # input after the first it finishes (commands.paused_certify), so each kill
+  # lands mid-input, the first in input 400, the second in input 800.
+  for _ in range(2):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.certify", f"--workdir={workdir}", *TINY],
+        commands.paused_certify(f"--workdir={workdir}", *TINY),
         cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = open(done).read().count("\n") if os.path.exists(done) else 0
     deadline = time.time() + 300
@@ -108,23 +116,29 @@ def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
       if os.path.exists(done) and open(done).read().count("\n") > before:
         break
       time.sleep(0.05)
+    assert proc.poll() is None, "finished before the kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+  with open(done) as f:
+    assert f.read() == "0\n400\n"
   run("experiments.certify", f"--workdir={workdir}", *TINY)
   assert tsv_rows_without_time(workdir) == tsv_rows_without_time(reference)
 
 
-def test_analyze_draws_and_tabulates(certify_run):
+def test_analyze_draws_and_tabulates(certify_run, warm_python):
   workdir, _ = certify_run
-  proc = run("experiments.analyze", f"--workdir={workdir}")
+  proc = warm_python.run("experiments.analyze", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
   # Its own figure: certify's certified_accuracy.png is left alone.
   assert os.path.getsize(os.path.join(workdir, "analysis.png")) > 10_000
   assert "Cached-OVC" in proc.stdout and "r>=0" in proc.stdout
 
 
-def test_calibrate_mvn(certify_run):
+def test_calibrate_mvn(certify_run, warm_python):
   workdir, _ = certify_run
-  proc = run("experiments.calibrate_mvn", f"--certify_workdir={workdir}")
+  proc = warm_python.run("experiments.calibrate_mvn",
+                         f"--certify_workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
   with open(os.path.join(workdir, "calibration.json")) as f:
     report = json.load(f)
   assert report["overall"]["pairs"] == 3 * 18  # inputs x (known + novel) prompts
@@ -152,10 +166,11 @@ def test_calibrate_mvn(certify_run):
     ("--config.backbone=/nonexistent/model", "unknown model"),
     ("--config.dataset=mnist", "mnist"),
 ])
-def test_bad_flags_fail_cleanly_and_write_nothing(tmp_path, flag, message):
+def test_bad_flags_fail_cleanly_and_write_nothing(warm_python, tmp_path, flag,
+                                                  message):
   workdir = tmp_path / "w"
-  proc = run("experiments.certify", f"--workdir={workdir}", *TINY, flag,
-             check=False)
+  proc = warm_python.run("experiments.certify", f"--workdir={workdir}", *TINY,
+                         flag)
   assert proc.returncode == 1
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -165,11 +180,12 @@ def test_bad_flags_fail_cleanly_and_write_nothing(tmp_path, flag, message):
   assert not workdir.exists()
 
 
-def test_a_workdir_of_another_configuration_is_refused(certify_run):
+def test_a_workdir_of_another_configuration_is_refused(certify_run,
+                                                       warm_python):
   workdir, _ = certify_run
   before = tsv_rows_without_time(workdir)
-  proc = run("experiments.certify", f"--workdir={workdir}", *TINY,
-             "--config.seed=1", check=False)
+  proc = warm_python.run("experiments.certify", f"--workdir={workdir}", *TINY,
+                         "--config.seed=1")
   assert proc.returncode != 0
   assert "different configuration (seed" in proc.stderr
   assert tsv_rows_without_time(workdir) == before
@@ -211,8 +227,10 @@ def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
 
 def test_benchmark_writes_every_field(tmp_path):
   workdir = str(tmp_path / "bench")
+  # Without the shared compilation cache: the benchmark times compilation
+  # (its cold / warm children use their own) and peak memory with it.
   proc = run("experiments.benchmark", f"--workdir={workdir}",
-             "--config=experiments/configs/benchmark.py:ci")
+             "--config=experiments/configs/benchmark.py:ci", env=PLAIN_ENV)
   with open(os.path.join(workdir, "benchmark.json")) as f:
     report = json.load(f)
   for field in ("device", "jax_version", "n", "batch_size"):

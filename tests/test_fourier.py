@@ -19,9 +19,8 @@ from ovc_jax.certifiers import standard
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-           PYTHONUNBUFFERED="1")
+# The run and its rerun share the session's JAX compilation cache.
+from commands import ENV, REPO
 
 
 # ---------------------------------------------------------------------------
@@ -291,9 +290,10 @@ def run(*args):
                         text=True, timeout=300)
 
 
-def test_experiment_with_v_zero_exits_1_with_one_line(tmp_path):
+def test_experiment_with_v_zero_exits_1_with_one_line(warm_python, tmp_path):
   workdir = str(tmp_path / "w")
-  proc = run("--config.v=0", f"--workdir={workdir}")
+  proc = warm_python.run("experiments.fourier_heatmap", "--config.v=0",
+                         f"--workdir={workdir}", timeout=300)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: v "), proc.stderr

@@ -36,9 +36,8 @@ from ovc_jax import results
 from ovc_jax.errors import ConfigError, DataError, OVCError
 from ovc_jax.models import weights_io
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-           PYTHONUNBUFFERED="1")
+import commands
+from commands import ENV, REPO
 
 # tests/test_experiments.py's TINY: 3 toy test images (0, 400, 800).
 TINY = {"skip": 400, "n0": 50, "n": 400, "irs.n_p": 200, "irs.gamma": 0.05,
@@ -165,9 +164,12 @@ def test_two_runs_started_together_then_ctrl_c_then_resume(reference, tmp_path):
   workdir = tmp_path / "w"
   flags = [f"--workdir={workdir}", *[f for f in TINY_FLAGS if "skip" not in f],
            "--config.skip=100"]  # 10 inputs
-  procs = [subprocess.Popen([sys.executable, "-m", "experiments.certify", *flags],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+  # The winner pauses mid-input once it has finished one: the Ctrl-C below
+  # always finds it running, even when the machine is slow to send it, and
+  # it handles Ctrl-C as in a terminal, whatever pytest was started with.
+  procs = [subprocess.Popen(commands.paused_certify(*flags), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
            for _ in range(2)]
   done = workdir / "done.txt"
   deadline = time.time() + 300
@@ -202,11 +204,11 @@ def test_two_runs_started_together_then_ctrl_c_then_resume(reference, tmp_path):
     assert sorted(map(int, f.read().split())) == list(range(0, 1000, 100))
 
 
-def test_paper_refuses_a_workdir_in_use(tmp_path):
+def test_paper_refuses_a_workdir_in_use(warm_python, tmp_path):
   workdir = tmp_path / "paper"
   with lock_held_elsewhere(workdir) as holder:
-    proc = run_cli("experiments.paper", f"--workdir={workdir}",
-                   "--config=experiments/configs/paper.py:ci")
+    proc = warm_python.run("experiments.paper", f"--workdir={workdir}",
+                           "--config=experiments/configs/paper.py:ci")
   assert_one_line_error(proc, f"(pid {holder.pid} ")
 
 
@@ -416,10 +418,11 @@ def test_unusable_workdirs_fail_in_one_line(tmp_path, read_only_dir, case):
     ("experiments.train_toy_clip",
      ["--config=experiments/configs/train_toy_clip.py:tiny"]),
 ])
-def test_a_workdir_that_is_a_file_fails_in_one_line(tmp_path, module, args):
+def test_a_workdir_that_is_a_file_fails_in_one_line(warm_python, tmp_path,
+                                                    module, args):
   path = tmp_path / "a_file"
   path.write_text("x")
-  proc = run_cli(module, f"--workdir={path}", *args)
+  proc = warm_python.run(module, f"--workdir={path}", *args)
   assert_one_line_error(proc, f"workdir {path} is a file")
   assert path.read_text() == "x"
 
@@ -503,8 +506,8 @@ def test_single_mode_irs_is_refused_before_anything_is_written(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_help_exits_0_and_lists_variants_and_fields():
-  proc = run_cli("experiments.certify", "--help")
+def test_help_exits_0_and_lists_variants_and_fields(warm_python):
+  proc = warm_python.run("experiments.certify", "--help")
   assert proc.returncode == 0, proc.stderr[-2000:]
   for word in ("Variants:", "cifar10", "vit_b32", "quick", "irs.n_p=2000",
                "sigmas=(0.25,)", "download=False"):
@@ -625,7 +628,9 @@ def test_analyze_writes_its_own_figure(reference):
     assert f.read() == main_figure
 
 
-def test_analyze_refuses_a_non_numeric_radius_in_one_line(reference, tmp_path):
+def test_analyze_refuses_a_non_numeric_radius_in_one_line(reference,
+                                                          warm_python,
+                                                          tmp_path):
   source = results.list_tsvs(os.path.join(reference, "tsv"))[0]
   with open(source) as f:
     lines = f.read().splitlines()
@@ -636,8 +641,8 @@ def test_analyze_refuses_a_non_numeric_radius_in_one_line(reference, tmp_path):
   bad.write_text("\n".join([lines[0], "\t".join(fields)] + lines[2:]) + "\n")
   with pytest.raises(DataError, match="line 2: column 'radius' holds 'abc'"):
     analyze.run(None, [str(bad)], [], out=str(tmp_path / "a.png"))
-  proc = run_cli("experiments.analyze", f"--tsv={bad}",
-                 f"--out={tmp_path / 'a.png'}")
+  proc = warm_python.run("experiments.analyze", f"--tsv={bad}",
+                         f"--out={tmp_path / 'a.png'}")
   assert_one_line_error(proc, f"{bad} line 2: column 'radius' holds 'abc'")
   assert not (tmp_path / "a.png").exists()
 

@@ -12,7 +12,7 @@ from ovc_jax import results
 from ovc_jax.errors import ConfigError
 
 from test_reliability_experiments import (assert_one_line_error, certify,
-                                          run_cli, tiny_config)
+                                          tiny_config)
 
 SEQ = {"mode": "sequential", "n": 800, "sequential.n_max": 800,
        "sequential.first_block": 200, "sequential.growth": 2.0,
@@ -113,10 +113,10 @@ def test_replays_need_the_fixed_n_draws(tmp_path, overrides, fragment):
   assert not (tmp_path / "w").exists()
 
 
-def test_a_bad_schedule_flag_is_one_line(tmp_path):
-  proc = run_cli("experiments.certify", f"--workdir={tmp_path / 'w'}",
-                 "--config=experiments/configs/certify.py:sequential",
-                 "--config.sequential.schedule=4000,2000,100000")
+def test_a_bad_schedule_flag_is_one_line(warm_python, tmp_path):
+  proc = warm_python.run("experiments.certify", f"--workdir={tmp_path / 'w'}",
+                         "--config=experiments/configs/certify.py:sequential",
+                         "--config.sequential.schedule=4000,2000,100000")
   assert_one_line_error(proc, "strictly increasing",
                         "--config.sequential.schedule")
   assert not (tmp_path / "w").exists()
@@ -140,10 +140,11 @@ def test_paper_sequential_variant_writes_its_table_and_figure(tmp_path):
   assert os.path.isfile(os.path.join(workdir, "figures", "sequential_toy.png"))
 
 
-def test_sequential_exact_entry_point_writes_its_table_and_figure(tmp_path):
+def test_sequential_exact_entry_point_writes_its_table_and_figure(
+    warm_python, tmp_path):
   """CI-sized: n_max 1600, two pA, one precision."""
   out = tmp_path / "exact"
-  proc = run_cli("experiments.sequential_exact", f"--out={out}",
+  proc = warm_python.run("experiments.sequential_exact", f"--out={out}",
                  "--n_max=1600", "--p_a=0.6,0.999", "--precision_sigmas=0.2",
                  "--schedule=100x1.5")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,7 +155,7 @@ def test_sequential_exact_entry_point_writes_its_table_and_figure(tmp_path):
   # At pA = 0.999 the old rule certifies max_radius at its first look.
   assert rows[1].split("|")[2].strip().startswith("1,000 /")
   assert (out / "rules.png").stat().st_size > 10_000
-  bad = run_cli("experiments.sequential_exact", f"--out={tmp_path / 'bad'}",
-                "--schedule=1.5x500")
+  bad = warm_python.run("experiments.sequential_exact",
+                        f"--out={tmp_path / 'bad'}", "--schedule=1.5x500")
   assert_one_line_error(bad, "--schedule must read FIRSTxGROWTH")
   assert not (tmp_path / "bad").exists()

@@ -53,7 +53,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       c.skip = DEFAULT_SKIP[variant]
     elif variant == "ci":
       c.sigmas = (0.25, 0.5)
-      c.n0, c.n, c.n_p, c.batch_size = 50, 600, 300, 200
+      # The sizes of the tests' CI-sized certify runs, whose programs a
+      # shared compilation cache then holds.
+      c.n0, c.n, c.n_p, c.batch_size = 50, 400, 200, 200
       c.gamma = 0.05
       c.skip, c.max = 500, -1
     elif variant == "sequential":
