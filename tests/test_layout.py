@@ -97,6 +97,7 @@ def test_experiments_import_no_cycle():
           f"{common}.resumable", f"{common}.progress"} <= graph[common]
   assert f"{common}.certify_job" in graph[f"{common}.distributed"]
   assert f"{common}.distributed_record" in graph[f"{common}.certify_job"]
+  assert "experiments.bench.large" in graph["experiments.benchmark"]
   cycle = find_cycle(graph)
   assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
