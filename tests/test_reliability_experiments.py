@@ -560,7 +560,7 @@ def test_cifar10_without_its_files_names_the_flag_that_downloads(tmp_path,
 
 def test_progress_eta_follows_the_recent_rate(monkeypatch):
   clock = [0.0]
-  monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+  monkeypatch.setattr(common.progress.time, "perf_counter", lambda: clock[0])
   stream = io.StringIO()
   progress = common.Progress(20, "inputs", stream=stream,
                              per="all prompts and methods of one input")

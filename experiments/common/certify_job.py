@@ -23,7 +23,6 @@ import io
 import os
 import re
 import sys
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import curves
+from experiments.common import distributed_record
 from experiments.common import sequential_job
 from experiments.configs import certify as certify_configs
 from ovc_jax import caches
@@ -484,12 +484,6 @@ class Row:
                               self.cert.radius, self.seconds, extra)
 
 
-def _timed(fn):
-  start = time.perf_counter()
-  value = fn()
-  return value, time.perf_counter() - start
-
-
 def certify_novel(setup: Setup, method: str, prompt: Prompt, x, key,
                   sigma: float, idx: int, base: str = "") -> Row:
   """One novel prompt by one method, timed from the cache read to the result.
@@ -500,7 +494,7 @@ def certify_novel(setup: Setup, method: str, prompt: Prompt, x, key,
   source = stored_caches(setup, sigma, idx, base,
                          verify=setup.config.mode == "single")
   b = setup.base(base)
-  result, secs = _timed(lambda: ovc.certify_novel_prompt(
+  result, secs = common.timed(lambda: ovc.certify_novel_prompt(
       method, b.classifier, b.encoder_params, x, key, source,
       prompt.class_embeddings, ovc_params(setup.config, sigma)))
   return Row(method, prompt, sigma, result.certificate, secs, result, base)
@@ -512,7 +506,7 @@ def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
   params = ovc_params(setup.config, sigma)
   stack = jnp.stack([p.class_embeddings for p in prompts])
   b = setup.base(base)
-  known, seconds = _timed(lambda: ovc.certify_known_prompts(
+  known, seconds = common.timed(lambda: ovc.certify_known_prompts(
       b.classifier, b.encoder_params, x, key, stack, params))
   directory = input_cache_dir(setup, sigma, idx, base)
   try:
@@ -762,8 +756,7 @@ def run(config, workdir: str, stream=sys.stderr) -> tuple[Setup, dict]:
     common.check_workdir_path(config.cache_dir, "--config.cache_dir")
   # A workdir of a multi-process run (experiments/common/distributed.py) is
   # resumed by its processes, not by one.
-  from experiments.common import distributed  # pylint: disable=g-import-not-at-top
-  distributed.check_single_process(workdir)
+  distributed_record.check_single_process(workdir)
   setup = build_setup(config, workdir)
   with contextlib.ExitStack() as held:
     held.enter_context(common.workdir_lock(workdir))

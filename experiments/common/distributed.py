@@ -51,22 +51,24 @@ import time
 from typing import Iterable, Sequence
 
 from experiments import common
+from experiments.common import certify_job
+# The workdir's record of the number of processes; certify_job checks it too.
+from experiments.common.distributed_record import PARTS
+from experiments.common.distributed_record import RECORD
+from experiments.common.distributed_record import SPLIT_RULE
+from experiments.common.distributed_record import DistributedError
+from experiments.common.distributed_record import check_record
+from experiments.common.distributed_record import check_single_process  # pylint: disable=unused-import
+from experiments.common.distributed_record import read_record
 from ovc_jax.errors import ConfigError
 
-PARTS = "parts"
-RECORD = "distributed.json"
 TIMING = "timing.json"
-SPLIT_RULE = "strided: process k of n certifies indices[k::n]"
 BARRIER_DONE = "ovc_certify_parts_done"
 
 # When this process started (near enough: experiments.certify imports this
 # module at its start, after JAX): the wall time counts model loading and
 # compilation, not the seconds Python takes to import JAX.
 _PROCESS_START = time.time()
-
-
-class DistributedError(common.WorkdirError):
-  """A multi-process run cannot start, finish or be merged."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,72 +220,6 @@ def owner(position: int, num_processes: int) -> int:
 def part_dir(workdir: str, process_id: int, num_processes: int) -> str:
   return os.path.join(workdir, PARTS,
                       f"process_{process_id}_of_{num_processes}")
-
-
-# ---------------------------------------------------------------------------
-# The workdir's record of the number of processes
-
-
-def read_record(workdir: str) -> dict | None:
-  path = os.path.join(workdir, RECORD)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      record = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DistributedError(f"{path} is corrupted ({e}); restore it or pass "
-                           "another --workdir") from e
-  if not isinstance(record, dict) or not isinstance(
-      record.get("num_processes"), int):
-    raise DistributedError(f"{path} is corrupted (no num_processes); restore "
-                           "it or pass another --workdir")
-  return record
-
-
-def check_record(workdir: str, num_processes: int,
-                 num_inputs: int | None = None) -> None:
-  """Records the number of processes in a new workdir; refuses another one.
-
-  With `num_inputs` None it only checks (before the model is loaded) and
-  writes nothing.
-
-  Raises:
-    DistributedError: the workdir was started with another number of
-      processes, or holds a one-process run.
-  """
-  record = read_record(workdir)
-  if record is None:
-    if os.path.exists(os.path.join(workdir, "done.txt")):
-      raise DistributedError(
-          f"workdir {workdir} holds a one-process run (done.txt, no {RECORD}); "
-          "resume it without --distributed, or pass another --workdir")
-    if num_inputs is None:
-      return
-    common.write_json(os.path.join(workdir, RECORD), {
-        "num_processes": num_processes, "split": SPLIT_RULE,
-        "inputs": num_inputs,
-        "parts": os.path.join(PARTS, f"process_<k>_of_{num_processes}")})
-    return
-  if record["num_processes"] != num_processes:
-    raise DistributedError(
-        f"workdir {workdir} was started by {record['num_processes']} processes "
-        f"({RECORD}), not {num_processes}: its inputs are split among "
-        f"{record['num_processes']} parts; restart with "
-        f"{record['num_processes']} processes (--num_processes="
-        f"{record['num_processes']}), or pass another --workdir")
-
-
-def check_single_process(workdir: str) -> None:
-  """Refuses a one-process run on a workdir of a multi-process run."""
-  record = read_record(workdir)
-  if record is not None and record["num_processes"] > 1:
-    raise DistributedError(
-        f"workdir {workdir} belongs to a run of {record['num_processes']} "
-        f"processes ({RECORD}): resume it with --distributed and "
-        f"{record['num_processes']} processes, merge finished parts with "
-        f"`python -m experiments.merge --workdir={workdir}`, or pass another "
-        "--workdir")
 
 
 # ---------------------------------------------------------------------------
@@ -519,7 +455,6 @@ def time_summary(workdir: str, num_inputs: int, num_processes: int) -> dict:
 
 def _certify_part(setup, process: ProcessInfo, stream) -> dict:
   """Certifies this process's inputs into its part; returns its timing."""
-  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
   started = _PROCESS_START
   part = dataclasses.replace(
       setup, workdir=part_dir(setup.workdir, process.process_id,
@@ -566,7 +501,6 @@ def run_process(config, workdir: str, process: ProcessInfo, *,
   Returns:
     (setup, summary) on process 0, (setup, None) on the others.
   """
-  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
   common.check_workdir_path(workdir)
   if config.cache_dir:
     common.check_workdir_path(config.cache_dir, "--config.cache_dir")
@@ -603,7 +537,6 @@ def run_process(config, workdir: str, process: ProcessInfo, *,
 def merge_setup(setup, *, stream=sys.stderr) -> dict:
   """Merges a multi-process workdir's parts; writes tsv/, done.txt and
   summary.json (and the figure) at its top. Returns the summary."""
-  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
   workdir = setup.workdir
   record = read_record(workdir)
   if record is None:
@@ -632,7 +565,6 @@ def merge_setup(setup, *, stream=sys.stderr) -> dict:
 
 def merge_workdir(workdir: str, stream=sys.stderr):
   """`experiments.merge`: the parts of a finished multi-process workdir."""
-  from experiments.common import certify_job  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise DistributedError(f"no workdir {workdir}")
   record = read_record(workdir)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
@@ -141,8 +142,8 @@ def certify_input(setup, job, idx: int, x, key, sigma: float, base: str):
   params = job.ovc_params(c, sigma)
   sp = seq_params(c, sigma)
   b = setup.base(base)
-  stack = job.jnp.stack([p.class_embeddings for p in setup.known])
-  known, secs = job._timed(lambda: ovc.certify_known_prompts_sequential(  # pylint: disable=protected-access
+  stack = jnp.stack([p.class_embeddings for p in setup.known])
+  known, secs = common.timed(lambda: ovc.certify_known_prompts_sequential(
       b.classifier, b.encoder_params, x, key, stack, params, sp))
   rows = [job.Row("sequential", p, sigma, r.certificate, secs, None, base,
                   (r.draws, r.reason, known.encoder_passes))
@@ -150,7 +151,7 @@ def certify_input(setup, job, idx: int, x, key, sigma: float, base: str):
   cache = known.embedding_draws
   for p in setup.novel:
     for method in ("cached", "mvn"):
-      novel, secs = job._timed(lambda: ovc.certify_novel_prompt_sequential(  # pylint: disable=protected-access
+      novel, secs = common.timed(lambda: ovc.certify_novel_prompt_sequential(
           method, b.classifier, b.encoder_params, x, key, cache,
           p.class_embeddings, params, sp))
       if method == "cached":
@@ -160,21 +161,21 @@ def certify_input(setup, job, idx: int, x, key, sigma: float, base: str):
                           (novel.result.draws, novel.result.reason,
                            novel.encoder_passes)))
   if c.sequential.compare_fixed:
-    fixed, secs = job._timed(lambda: ovc.certify_known_prompts(  # pylint: disable=protected-access
+    fixed, secs = common.timed(lambda: ovc.certify_known_prompts(
         b.classifier, b.encoder_params, x, key, stack, params))
     passes = c.n0 + c.n
     rows += [job.Row("standard", p, sigma, cert, secs, None, base,
                      (c.n, "fixed", passes))
              for p, cert in zip(setup.known, fixed.certificates)]
     for p in setup.novel:
-      result, secs = job._timed(lambda: ovc.certify_novel_prompt(  # pylint: disable=protected-access
+      result, secs = common.timed(lambda: ovc.certify_novel_prompt(
           "cached", b.classifier, b.encoder_params, x, key, fixed.caches,
           p.class_embeddings, params))
       rows.append(job.Row("cached", p, sigma, result.certificate, secs, result,
                           base, (c.n, "fixed", 0)))
     novel_stack = [p.class_embeddings for p in setup.novel]
     for tag in replays(c):
-      replay, secs = job._timed(lambda: ovc.replay_sequential(  # pylint: disable=protected-access
+      replay, secs = common.timed(lambda: ovc.replay_sequential(
           fixed.caches.embedding_draws, stack, novel_stack, params,
           replay_params(c, sigma, tag)))
       # encoder_passes: the whole input's on every row (a live run's count).
