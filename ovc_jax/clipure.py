@@ -27,6 +27,7 @@ and `ovc_jax.ovc` take it unchanged, and the "embeddings" it hands back are the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -48,6 +49,17 @@ GRADIENT_TOLERANCE = 1e-6
 
 _TINY = 1e-30
 
+# How an attack differentiates through the purification (`PurifiedEncoder`):
+#   full      the exact gradient, through each step's inner gradient too;
+#   official  each step's direction treated as a constant, as the official
+#             code's `torch.autograd.grad` without `create_graph` does;
+#   bpda      the purification taken as the identity on the backward pass
+#             (BPDA, Athalye et al. 2018); its forward pass is the real one.
+# The forward pass is the same for all three. Purification draws no random
+# numbers, so BPDA needs no expectation over transformations (EOT).
+ATTACK_GRADIENTS = ("full", "official", "bpda")
+DEFAULT_ATTACK_GRADIENT = "full"
+
 
 def check_purification_args(*, steps: Any, step_size: Any) -> None:
   """Raises ConfigError for a step count or step size out of range."""
@@ -65,6 +77,19 @@ def check_purification_args(*, steps: Any, step_size: Any) -> None:
       or not np.isfinite(step_size) or step_size <= 0):
     raise ConfigError(
         f"purification step_size must be a finite number > 0; got {step_size!r}")
+
+
+def check_attack_gradient(name: Any, *, purifies: bool = True) -> None:
+  """Raises ConfigError for an unknown attack-gradient name, or for one other
+  than "full" asked of a classifier that does not purify (`purifies` False:
+  no `PurifiedEncoder`, or one of 0 steps)."""
+  if not isinstance(name, str) or name not in ATTACK_GRADIENTS:
+    raise ConfigError(f"attack gradient must be one of {ATTACK_GRADIENTS}; "
+                      f"got {name!r}")
+  if name != "full" and not purifies:
+    raise ConfigError(f"attack gradient {name!r} needs a purified classifier "
+                      "(a PurifiedEncoder of at least 1 step); this classifier "
+                      "does not purify")
 
 
 def _safe_norm(x: jax.Array) -> jax.Array:
@@ -101,7 +126,8 @@ def check_blank(blank: Any) -> None:
 
 
 def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
-           step_size: float = DEFAULT_STEP_SIZE) -> jax.Array:
+           step_size: float = DEFAULT_STEP_SIZE,
+           gradient: str = DEFAULT_ATTACK_GRADIENT) -> jax.Array:
   """CLIPure-Cos purification of image embeddings (jittable, differentiable).
 
   Each step is the official `purify_zi` update (ClassificationModel in
@@ -127,11 +153,24 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
   step turns it back exactly, so an even number of steps returns it to where
   it started (up to rounding).
 
+  Gradients (`gradient`; the values are the same for all three): "full"
+  differentiates through everything, the inner gradient included (second
+  order). "official" stops the gradient at each step's direction g / ||g||,
+  as the official code does (`torch.autograd.grad` without `create_graph`):
+  each step is then u -> (u - s d) / sqrt(1 + s^2) with d constant, and what
+  remains of d purified / d z is the radial part plus the tangent part
+  shrunk by (1 + s^2)^(-steps/2) across the plane of (z, blank) and by
+  (1 + s^2)^(-steps) within it, where the exact Jacobian keeps 1 within the
+  plane and sin(theta_out) / sin(theta_in) across it (docs/CLIPURE.md
+  derives it). "bpda" passes the cotangent through unchanged (the identity on
+  the backward pass).
+
   Args:
     z: `[B, d]` image embeddings (any norm; the norm is kept).
     blank: `[d]` blank-prompt embedding (any norm; only its direction counts).
     steps: number of updates, an integer >= 0 (0: z unchanged).
     step_size: finite, > 0.
+    gradient: one of ATTACK_GRADIENTS: how the result is differentiated.
 
   Returns:
     `[B, d]` purified embeddings, ||output_i|| = ||z_i||, float32 (float64
@@ -142,11 +181,12 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
     and so does every row when a traced blank is NaN, infinite or zero.
 
   Raises:
-    ConfigError: steps or step_size out of range.
+    ConfigError: steps or step_size out of range; an unknown gradient.
     InputError: shapes that are not [B, d] and [d] of the same d; a concrete
       blank that is NaN, infinite or zero (not checked under tracing).
   """
   check_purification_args(steps=steps, step_size=step_size)
+  check_attack_gradient(gradient)
   check_blank(blank)
   z = jnp.asarray(z)
   z = z if z.dtype == jnp.float64 else z.astype(jnp.float32)
@@ -154,12 +194,47 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
   if z.ndim != 2 or blank.ndim != 1 or z.shape[-1] != blank.shape[-1]:
     raise InputError(f"purify takes embeddings [B, d] and a blank [d]; got "
                      f"{z.shape} and {blank.shape}")
-  # In the graph, so that it holds under jit too: a non-finite row (or a
-  # blank without direction) must count for no class, never for class 0.
-  finite = jnp.all(jnp.isfinite(z), axis=-1, keepdims=True)
-  finite &= jnp.all(jnp.isfinite(blank)) & jnp.any(blank != 0)
   if not steps:
-    return jnp.where(finite, z, jnp.nan)
+    return jnp.where(_finite_rows(z, blank), z, jnp.nan)
+  if gradient == "bpda":
+    return _purify_identity_backward(z, blank, jnp.asarray(step_size, z.dtype),
+                                     int(steps))
+  return _purify_rows(z, blank, steps, step_size, gradient == "official")
+
+
+def _finite_rows(z: jax.Array, blank: jax.Array) -> jax.Array:
+  """bool [B, 1]: rows that are finite, with a blank that has a direction.
+  In the graph, so that it holds under jit too: a non-finite row (or a blank
+  without direction) must count for no class, never for class 0."""
+  finite = jnp.all(jnp.isfinite(z), axis=-1, keepdims=True)
+  return finite & jnp.all(jnp.isfinite(blank)) & jnp.any(blank != 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _purify_identity_backward(z, blank, step_size, steps):
+  """The purification, differentiated as the identity in z (BPDA)."""
+  return _purify_rows(z, blank, steps, step_size, False)
+
+
+def _purify_identity_backward_fwd(z, blank, step_size, steps):
+  return _purify_rows(z, blank, steps, step_size, False), (blank, step_size)
+
+
+def _purify_identity_backward_bwd(steps, residuals, cotangent):
+  del steps
+  blank, step_size = residuals
+  return cotangent, jnp.zeros_like(blank), jnp.zeros_like(step_size)
+
+
+_purify_identity_backward.defvjp(_purify_identity_backward_fwd,
+                                 _purify_identity_backward_bwd)
+
+
+def _purify_rows(z: jax.Array, blank: jax.Array, steps: int, step_size: Any,
+                 detach_directions: bool) -> jax.Array:
+  """`purify`'s steps on checked inputs; `detach_directions`: each step's
+  direction is a constant to differentiation (the official gradient)."""
+  finite = _finite_rows(z, blank)
   # Zero and non-finite rows are purified as ones and replaced again, so
   # that neither the result nor its gradient sees a 0 / 0 or a NaN.
   nonzero = jnp.sum(jnp.where(finite, z * z, 0.0), axis=-1, keepdims=True) > 0
@@ -175,7 +250,10 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
     g_sq = jnp.sum(g * g, axis=-1, keepdims=True)
     moves = g_sq > GRADIENT_TOLERANCE**2
     g_norm = jnp.sqrt(jnp.where(moves, g_sq, 1.0))
-    u = u - step_size * jnp.where(moves, g / g_norm, 0.0)
+    direction = jnp.where(moves, g / g_norm, 0.0)
+    if detach_directions:
+      direction = jax.lax.stop_gradient(direction)
+    u = u - step_size * direction
     return u / _safe_norm(u), None
 
   u, _ = jax.lax.scan(step, u, None, length=int(steps))
@@ -259,6 +337,9 @@ class PurifiedEncoder:
       `loaded.model.embed_images`.
     steps: purification steps (the official default, 10).
     step_size: purification step size (the official default, 30).
+    attack_gradient: how an attack differentiates through the purification,
+      one of ATTACK_GRADIENTS (see `purify`); it changes no value, only
+      gradients. "full" (exact) unless an attack asks for another.
 
   Params: `purified_encoder_params(encoder_params, blank)`.
   """
@@ -266,11 +347,35 @@ class PurifiedEncoder:
   encoder: Callable[[Any, jax.Array], jax.Array]
   steps: int = DEFAULT_STEPS
   step_size: float = DEFAULT_STEP_SIZE
+  attack_gradient: str = DEFAULT_ATTACK_GRADIENT
 
   def __post_init__(self):
     check_purification_args(steps=self.steps, step_size=self.step_size)
+    check_attack_gradient(self.attack_gradient, purifies=self.steps > 0)
 
   def __call__(self, params: Any, inputs: jax.Array) -> jax.Array:
+    # float32 throughout, as the official code runs.
     z = self.encoder(params["encoder"], inputs).astype(jnp.float32)
     return purify(z, params["blank"], steps=self.steps,
-                  step_size=self.step_size)
+                  step_size=self.step_size, gradient=self.attack_gradient)
+
+
+def with_attack_gradient(classifier: Any, gradient: str) -> Any:
+  """`classifier` with its purification differentiated by `gradient`.
+
+  Takes an `EmbeddingClassifier` (or any frozen dataclass with an `encoder`
+  field) whose encoder is a `PurifiedEncoder`, and returns a copy whose
+  encoder has `attack_gradient=gradient`; "full" returns any classifier
+  unchanged.
+
+  Raises:
+    ConfigError: an unknown gradient; a gradient other than "full" for a
+      classifier that does not purify.
+  """
+  encoder = getattr(classifier, "encoder", None)
+  purifies = isinstance(encoder, PurifiedEncoder) and encoder.steps > 0
+  check_attack_gradient(gradient, purifies=purifies)
+  if not isinstance(encoder, PurifiedEncoder):
+    return classifier
+  return dataclasses.replace(
+      classifier, encoder=dataclasses.replace(encoder, attack_gradient=gradient))

@@ -284,3 +284,154 @@ def test_blank_embedding_errors(toy):
     clipure.blank_embedding(toy, ["a photo of a {c}."])
   with pytest.raises(ConfigError):
     clipure.blank_embedding(toy, [])
+
+
+# ---------------------------------------------------------------------------
+# How an attack differentiates through the purification: full, official, bpda.
+
+
+def plane_basis(z, blank):
+  """u0, the unit tangent t0 at u0 towards the blank's side in the plane of
+  (z, blank), and the projector Q onto that plane's complement (float64)."""
+  u0 = z / np.linalg.norm(z)
+  b = blank / np.linalg.norm(blank)
+  t0 = b - (u0 @ b) * u0
+  t0 /= np.linalg.norm(t0)
+  q = np.eye(len(z)) - np.outer(u0, u0) - np.outer(t0, t0)
+  return u0, t0, q
+
+
+def angle_to(u, blank):
+  return np.arccos(np.clip(u @ blank / (np.linalg.norm(u) * np.linalg.norm(blank)),
+                           -1.0, 1.0))
+
+
+@pytest.mark.parametrize("steps,step_size", [(10, 30.0), (3, 30.0), (4, 0.7)])
+def test_official_jacobian_follows_the_closed_form_in_float64(steps, step_size):
+  # With each step's direction d detached, a step is u -> (u - s d) / sqrt(1 +
+  # s^2) (d is a unit tangent): the tangent across the plane of (z, blank)
+  # shrinks by (1 + s^2)^(-1/2) per step, the in-plane tangent by (1 + s^2)^-1
+  # (also projected onto the next tangent, turned by atan(s)); the radial part
+  # (the norm) passes whole. The exact Jacobian keeps the in-plane tangent
+  # whole and scales the cross-plane one by sin(theta_out) / sin(theta_in).
+  z, blank = random_z_blank(21, batch=1, dim=6)
+  with jax.enable_x64(True):
+    z64, b64 = z.astype(np.float64), blank.astype(np.float64)
+    jac = {g: np.asarray(jax.jacrev(lambda v: clipure.purify(
+        v[None], b64, steps=steps, step_size=step_size, gradient=g)[0])(z64[0]))
+           for g in ("full", "official")}
+    out = np.asarray(clipure.purify(z64, b64, steps=steps, step_size=step_size))[0]
+  u0, t0, q = plane_basis(z64[0], b64)
+  shrink = 1.0 + step_size**2
+  # Radial: the norm passes whole in both.
+  for g in jac:
+    np.testing.assert_allclose(jac[g] @ u0, out / np.linalg.norm(out), atol=1e-9)
+  # Official, across the plane: (1 + s^2)^(-steps/2) times the projector Q
+  # (1.7e-15 for 10 steps of 30, where float64 rounding, ~1e-16 absolute,
+  # leaves it 1% accurate).
+  across = shrink**(-steps / 2)
+  np.testing.assert_allclose(np.linalg.norm(jac["official"] @ q) / np.linalg.norm(q),
+                             across, rtol=2e-2 if across < 1e-12 else 1e-9)
+  np.testing.assert_allclose(jac["official"] @ q, across * q,
+                             atol=max(1e-16, 1e-8 * across))
+  # Official, within the plane: (1 + s^2)^-steps, or below float64 rounding.
+  within = shrink**(-steps)
+  if within > 1e-12:
+    np.testing.assert_allclose(np.linalg.norm(jac["official"] @ t0), within,
+                               rtol=1e-7)
+  else:
+    assert np.linalg.norm(jac["official"] @ t0) < 1e-15
+  # Full: within the plane an isometry, across it sin(theta_out) / sin(theta_in)
+  # (the sign: which side of the blank the output ends on).
+  np.testing.assert_allclose(np.linalg.norm(jac["full"] @ t0), 1.0, rtol=1e-9)
+  ratio = np.sin(angle_to(out, b64)) / np.sin(angle_to(z64[0], b64))
+  np.testing.assert_allclose(np.abs(jac["full"] @ q), ratio * np.abs(q),
+                             atol=1e-9)
+
+
+def test_full_gradient_matches_central_finite_differences():
+  z, blank = random_z_blank(22, batch=2, dim=6)
+  w = np.random.default_rng(23).normal(size=(2, 6))
+  with jax.enable_x64(True):
+    z64, b64 = z.astype(np.float64), blank.astype(np.float64)
+    loss = jax.jit(lambda v: jnp.sum(w * jnp.tanh(clipure.purify(v, b64,
+                                                                steps=10))))
+    grad = np.asarray(jax.grad(loss)(z64))
+    eps = 1e-6
+    fd = np.zeros_like(z64)
+    for i in range(z64.shape[0]):
+      for j in range(z64.shape[1]):
+        e = np.zeros_like(z64)
+        e[i, j] = eps
+        fd[i, j] = (float(loss(z64 + e)) - float(loss(z64 - e))) / (2 * eps)
+  # Central differences at 1e-6 are good to ~1e-7 here (10 steps of 30).
+  np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6)
+  assert np.abs(grad).max() > 1e-2  # not a trivially zero gradient
+
+
+def test_bpda_gradient_is_the_unpurified_gradient_at_the_purified_point():
+  params = purified_params(2)
+  x = jnp.asarray(np.random.default_rng(24).normal(size=(3, D)), jnp.float32)
+  u = unit_rows(25, C)
+  bpda = clipure.with_attack_gradient(PURIFIED, "bpda")
+  plain = EmbeddingClassifier(LinearEncoder(), normalize=True)
+
+  def head(z):  # the classifier's head on an embedding, as an attack sees it
+    return jnp.sum(jax.nn.log_softmax(10.0 * l2_normalize(z) @ u.T)[:, 0])
+
+  grad = jax.grad(lambda v: head(bpda.embed(params, v)))(x)
+  z = LinearEncoder()(params["encoder"], x)
+  purified = clipure.purify(z, params["blank"], steps=3)
+  # Through the encoder, the cotangent of the purified point, unchanged.
+  _, encoder_vjp = jax.vjp(lambda v: LinearEncoder()(params["encoder"], v), x)
+  want, = encoder_vjp(jax.grad(head)(purified))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-5,
+                             atol=1e-6)
+  # ... which is neither the full gradient nor the plain classifier's at z.
+  full = jax.grad(lambda v: head(PURIFIED.embed(params, v)))(x)
+  at_z = jax.grad(lambda v: head(plain.embed(params["encoder"], v)))(x)
+  assert not np.allclose(np.asarray(grad), np.asarray(full), atol=1e-3)
+  assert not np.allclose(np.asarray(grad), np.asarray(at_z), atol=1e-3)
+  # The values are the same whatever the gradient.
+  for g in clipure.ATTACK_GRADIENTS:
+    np.testing.assert_array_equal(
+        np.asarray(clipure.with_attack_gradient(PURIFIED, g).embed(params, x)),
+        np.asarray(PURIFIED.embed(params, x)))
+
+
+def test_official_gradient_in_float32_is_rounding_noise():
+  # In float32 the detached path's true size, (1 + 900)^-5 ~ 1e-15 of the
+  # full gradient, is below rounding: what is left is a few 1e-8 of it and
+  # points nowhere in particular.
+  z, blank = random_z_blank(26, batch=16, dim=E)
+  w = np.random.default_rng(27).normal(size=(16, E)).astype(np.float32)
+  grads = {g: np.asarray(jax.grad(lambda v: jnp.sum(
+      w * l2_normalize(clipure.purify(v, blank, steps=10, gradient=g))))(z))
+           for g in ("full", "official")}
+  ratio = (np.linalg.norm(grads["official"], axis=1)
+           / np.linalg.norm(grads["full"], axis=1))
+  cos = np.sum(grads["official"] * grads["full"], axis=1) / (
+      np.linalg.norm(grads["official"], axis=1)
+      * np.linalg.norm(grads["full"], axis=1))
+  assert np.all(ratio < 1e-5), ratio
+  assert np.median(np.abs(cos)) < 0.5, cos
+
+
+@pytest.mark.parametrize("gradient", ["exact", "", None, "BPDA"])
+def test_unknown_attack_gradient_is_refused(gradient):
+  with pytest.raises(ConfigError, match="attack gradient must be one of"):
+    clipure.purify(np.ones((1, E)), np.ones(E), gradient=gradient)
+  with pytest.raises(ConfigError, match="attack gradient must be one of"):
+    clipure.PurifiedEncoder(LinearEncoder(), attack_gradient=gradient)
+  with pytest.raises(ConfigError, match="attack gradient must be one of"):
+    clipure.with_attack_gradient(PURIFIED, gradient)
+
+
+@pytest.mark.parametrize("gradient", ["bpda", "official"])
+def test_a_gradient_other_than_full_needs_purification(gradient):
+  plain = EmbeddingClassifier(LinearEncoder(), normalize=True)
+  with pytest.raises(ConfigError, match="needs a purified classifier"):
+    clipure.with_attack_gradient(plain, gradient)
+  with pytest.raises(ConfigError, match="needs a purified classifier"):
+    clipure.PurifiedEncoder(LinearEncoder(), steps=0, attack_gradient=gradient)
+  assert clipure.with_attack_gradient(plain, "full") is plain
