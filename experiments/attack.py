@@ -4,14 +4,19 @@ r"""Clean and PGD-robust accuracy of CLIP zero-shot and of CLIPure-Cos.
   python -m experiments.attack --config=experiments/configs/attack.py:cifar10,vit_b32,strong \
       --workdir=/tmp/attack_cifar10
 
-On the configured test images, two zero-shot classifiers with one prompt:
+On the configured test images, zero-shot classifiers with one prompt:
   CLIP         argmax_c cos(z(x), U_c)
   CLIPure-Cos  the same on the purified embedding (`ovc_jax.clipure`)
 each clean and under untargeted PGD (`ovc_jax.attacks`) in L-inf and L2, in
 [0, 1] pixel space before preprocessing, differentiating through the
 purification (a white-box attack on CLIPure-Cos as a whole). An image is
 robust only if it is classified correctly clean and at every step of every
-restart.
+restart. `--config.clipure.attack_gradients` adds CLIPure-Cos columns whose
+attack takes another gradient through the purification (official: each
+step's direction detached, as the official code; bpda: the identity on the
+backward pass), and `--config.clipure.batch_equivalents` columns at the
+per-image step size / sqrt(B) of the official code's batches; the variant
+`masking` asks for all of them (13 classifiers, same PGD in every cell).
 
 Writes WORKDIR/results.tsv (one row per image: 1/0 per model and attack, and
 the attacks' margins), WORKDIR/summary.json and WORKDIR/accuracy.png, and
@@ -37,6 +42,7 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
@@ -62,14 +68,64 @@ _WORKDIR = flags.DEFINE_string(
     "Where results and the run's config go.")
 
 
-MODELS = ("clip", "clipure")
-MODEL_NAMES = {"clip": "CLIP", "clipure": "CLIPure-Cos"}
 NORMS = attacks.NORMS
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
-COLUMNS = (("idx", "label")
-           + tuple(f"{m}_{a}" for m in MODELS for a in ("clean",) + NORMS)
-           + tuple(f"{m}_{a}_margin" for m in MODELS for a in NORMS))
-HEADER = "\t".join(COLUMNS) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One attacked classifier: plain CLIP, or CLIPure-Cos with a step size
+  (the official one, or the per-image step of batch `batch_equivalent`) and
+  the gradient PGD takes through its purification."""
+  key: str
+  name: str
+  step_size: float | None = None  # None: plain CLIP
+  batch_equivalent: int | None = None
+  attack_gradient: str = "full"
+
+
+def parse_gradients(value: Any) -> tuple[str, ...]:
+  """`clipure.attack_gradients` as names: a comma list (or a tuple of them)."""
+  parts = [value] if isinstance(value, str) else list(value)
+  names = [n.strip() for p in parts for n in str(p).split(",") if n.strip()]
+  if not names:
+    raise ConfigError("--config.clipure.attack_gradients is empty; give one or "
+                      f"more of {', '.join(clipure.ATTACK_GRADIENTS)}")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"--config.clipure.attack_gradients names one twice: "
+                      f"{','.join(names)}")
+  return tuple(names)
+
+
+def models_of(config) -> tuple[Model, ...]:
+  """CLIP, then CLIPure-Cos for each step size and attack gradient. The
+  official step size with the full gradient keeps the key `clipure`."""
+  gradients = parse_gradients(config.clipure.attack_gradients)
+  batches = common.check_number_list(
+      config.clipure.batch_equivalents, "clipure.batch_equivalents",
+      minimum=1, allow_minimum=True, integer=True, allow_empty=True)
+  step = float(config.clipure.step_size)
+  models = [Model("clip", "CLIP")]
+  for b in (None,) + tuple(int(b) for b in batches):
+    size = step if b is None else step / float(np.sqrt(b))
+    for g in gradients:
+      key = "clipure" + ("" if b is None else f"_b{b}") + (
+          "" if g == "full" else f"_{g}")
+      where = f"step {size:.4g}" + ("" if b is None else f" (B={b})")
+      models.append(Model(key, f"CLIPure-Cos {where}, {g} gradient", size, b, g))
+  return tuple(models)
+
+
+def columns_of(models) -> tuple[str, ...]:
+  return (("idx", "label")
+          + tuple(f"{m.key}_{a}" for m in models for a in ("clean",) + NORMS)
+          + tuple(f"{m.key}_{a}_margin" for m in models for a in NORMS))
+
+
+def header_of(models) -> str:
+  return "\t".join(columns_of(models)) + "\n"
+
+
 MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
               "generated shapes: a demo model, not a real CLIP")
 
@@ -83,6 +139,15 @@ def validate(config) -> None:
                               logit_scale=config.logit_scale)
   clipure.check_purification_args(steps=config.clipure.steps,
                                   step_size=config.clipure.step_size)
+  for g in parse_gradients(config.clipure.attack_gradients):
+    clipure.check_attack_gradient(
+        g, purifies=(not isinstance(config.clipure.steps, bool)
+                     and config.clipure.steps > 0))
+  models_of(config)  # the batch equivalents
+  n = config.clipure.gradient_path_images
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ConfigError("clipure.gradient_path_images must be an integer >= 0; "
+                      f"got {n!r}")
   if config.clipure.blank not in ("templates", "single"):
     raise ConfigError("clipure.blank must be 'templates' or 'single'; got "
                       f"{config.clipure.blank!r}")
@@ -104,6 +169,7 @@ class Setup:
   prompt: str
   class_embeddings: Any
   blank_texts: list[str]
+  models: tuple[Model, ...]
   classifiers: dict[str, EmbeddingClassifier]
   params: dict[str, Any]
 
@@ -125,18 +191,23 @@ def build_setup(config, workdir: str) -> Setup:
                    else prompt_lists.templates_for(config.dataset))
   blank = clipure.blank_embedding(loaded, blank_texts)
   encoder = loaded.model.embed_images
-  classifiers = {
-      "clip": EmbeddingClassifier(encoder, preprocess=loaded.preprocess),
-      "clipure": EmbeddingClassifier(
+  models = models_of(config)
+  classifiers, params = {}, {}
+  for m in models:
+    if m.step_size is None:
+      classifiers[m.key] = EmbeddingClassifier(encoder,
+                                               preprocess=loaded.preprocess)
+      params[m.key] = loaded.params
+    else:
+      classifiers[m.key] = EmbeddingClassifier(
           clipure.PurifiedEncoder(encoder, steps=config.clipure.steps,
-                                  step_size=float(config.clipure.step_size)),
-          preprocess=loaded.preprocess),
-  }
-  params = {"clip": loaded.params,
-            "clipure": clipure.purified_encoder_params(loaded.params, blank)}
+                                  step_size=m.step_size,
+                                  attack_gradient=m.attack_gradient),
+          preprocess=loaded.preprocess)
+      params[m.key] = clipure.purified_encoder_params(loaded.params, blank)
   return Setup(config, workdir, loaded, dataset, indices, prompt,
                class_embeddings, [t.format("") for t in blank_texts],
-               classifiers, params)
+               models, classifiers, params)
 
 
 def load_batch(setup: Setup, batch: list[int]):
@@ -163,7 +234,7 @@ def attack_batch(setup: Setup, batch: list[int]) -> list[str]:
   c = setup.config
   images, labels, keys = load_batch(setup, batch)
   values = {}
-  for m in MODELS:
+  for m in (m.key for m in setup.models):
     clf, params = setup.classifiers[m], setup.params[m]
     clean = np.asarray(attacks.predict_correct(
         clf, params, images, labels, setup.class_embeddings))
@@ -181,27 +252,112 @@ def attack_batch(setup: Setup, batch: list[int]) -> list[str]:
   rows = []
   for j, idx in enumerate(batch):
     fields = [str(idx), str(int(labels[j]))]
-    for name in COLUMNS[2:]:
+    for name in columns_of(setup.models)[2:]:
       v = values[name][j]
       fields.append(repr(float(v)) if name.endswith("_margin") else str(int(v)))
     rows.append("\t".join(fields) + "\n")
   return rows
 
 
-def read_results(path: str) -> dict[str, np.ndarray]:
+def _cosine_and_ratio(a: np.ndarray, b: np.ndarray):
+  """Per row: cos(a_i, b_i) and ||a_i|| / ||b_i|| (rows flattened)."""
+  a = a.reshape(len(a), -1).astype(np.float64)
+  b = b.reshape(len(b), -1).astype(np.float64)
+  na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+  return np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300), na / nb
+
+
+def _stats(v: np.ndarray) -> dict[str, float]:
+  return {"median": float(np.median(v)), "min": float(np.min(v)),
+          "max": float(np.max(v))}
+
+
+def gradient_path(setup: Setup, images: np.ndarray,
+                  labels: np.ndarray) -> dict[str, Any]:
+  """The official gradient against the full one, and where purification
+  puts the embeddings, on a few images (the official step size).
+
+  Gradients of the attack's loss (cross-entropy at the configured logit
+  scale): w.r.t. the image in float32, as PGD sees them; and w.r.t. the
+  image embedding z in float32 and float64 (purification and head only, the
+  part the closed form in docs/CLIPURE.md covers).
+  """
+  c = setup.config
+  step = float(c.clipure.step_size)
+  ce = lambda logits: -jnp.sum(jnp.take_along_axis(
+      jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1))
+  out = {"images": int(len(images)), "step_size": step,
+         "steps": int(c.clipure.steps)}
+  # Every CLIPure-Cos column has the same params (encoder and blank).
+  purified_params = next(setup.params[m.key] for m in setup.models
+                         if m.step_size is not None)
+  pixel = {}
+  for g in ("full", "official"):
+    clf = EmbeddingClassifier(
+        clipure.PurifiedEncoder(setup.loaded.model.embed_images,
+                                steps=c.clipure.steps, step_size=step,
+                                attack_gradient=g),
+        preprocess=setup.loaded.preprocess)
+    pixel[g] = np.asarray(jax.grad(lambda x: ce(
+        c.logit_scale * clf.embed(purified_params, x)
+        @ setup.class_embeddings.T))(jnp.asarray(images)))
+  cos, ratio = _cosine_and_ratio(pixel["official"], pixel["full"])
+  out["image_float32"] = {"cosine": _stats(cos), "norm_ratio": _stats(ratio)}
+  z = np.asarray(EmbeddingClassifier(
+      setup.loaded.model.embed_images, normalize=False,
+      preprocess=setup.loaded.preprocess).embed(setup.loaded.params,
+                                                jnp.asarray(images)))
+  blank = np.asarray(purified_params["blank"])
+  u = np.asarray(setup.class_embeddings)
+  for dtype, x64 in (("float32", False), ("float64", True)):
+    with jax.enable_x64(x64):
+      zz, bb, uu = (jnp.asarray(a, dtype) for a in (z, blank, u))
+      grads = {g: np.asarray(jax.grad(lambda v: ce(
+          c.logit_scale * (lambda p: p / jnp.linalg.norm(
+              p, axis=-1, keepdims=True))(clipure.purify(
+                  v, bb, steps=c.clipure.steps, step_size=step,
+                  gradient=g)) @ uu.T))(zz)) for g in ("full", "official")}
+    cos, ratio = _cosine_and_ratio(grads["official"], grads["full"])
+    out[f"embedding_{dtype}"] = {"cosine": _stats(cos),
+                                 "norm_ratio": _stats(ratio)}
+  # Where the purified embeddings end up (float64): the angle theta from the
+  # blank before, and the angle each embedding turned by.
+  with jax.enable_x64(True):
+    purified = np.asarray(clipure.purify(z.astype(np.float64),
+                                         blank.astype(np.float64),
+                                         steps=c.clipure.steps, step_size=step))
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  theta = np.degrees(np.arccos(np.clip(unit(z) @ unit(blank), -1, 1)))
+  turned = np.degrees(np.arccos(np.clip(np.sum(unit(z) * unit(purified), -1),
+                                        -1, 1)))
+  theta_out = np.degrees(np.arccos(np.clip(unit(purified) @ unit(blank), -1, 1)))
+  far = theta > np.degrees(np.arctan(step))
+  out["geometry"] = {
+      "turn_per_step_degrees": float(np.degrees(np.arctan(step))),
+      "far_from_blank": int(far.sum()),
+      "theta_degrees": _stats(theta),
+      "turned_degrees_near": _stats(turned[~far]) if (~far).any() else None,
+      "turned_degrees_far": _stats(turned[far]) if far.any() else None,
+      "theta_out_plus_theta_far": (_stats(theta_out[far] + theta[far])
+                                   if far.any() else None)}
+  return out
+
+
+def read_results(path: str, models) -> dict[str, np.ndarray]:
+  columns = columns_of(models)
   with open(path) as f:
     lines = f.read().splitlines()
-  if not lines or lines[0] != HEADER.rstrip("\n"):
+  if not lines or lines[0] != "\t".join(columns):
     raise DataError(f"{path} is not this experiment's results table")
   rows = [line.split("\t") for line in lines[1:] if line]
   return {name: np.array([float(r[j]) for r in rows])
-          for j, name in enumerate(COLUMNS)}
+          for j, name in enumerate(columns)}
 
 
 def summarize(setup: Setup, columns: dict[str, np.ndarray]) -> dict[str, Any]:
   c = setup.config
-  accuracy = {m: {a: float(np.mean(columns[f"{m}_{a}"]))
-                  for a in ("clean",) + NORMS} for m in MODELS}
+  accuracy = {m.key: {a: float(np.mean(columns[f"{m.key}_{a}"]))
+                      for a in ("clean",) + NORMS} for m in setup.models}
   return {
       "model": {"name": setup.loaded.name,
                 "fingerprint": setup.loaded.fingerprint,
@@ -212,6 +368,11 @@ def summarize(setup: Setup, columns: dict[str, np.ndarray]) -> dict[str, Any]:
       "prompt": setup.prompt,
       "blank_texts": setup.blank_texts,
       "accuracy": accuracy,
+      "models": {m.key: {"name": m.name, "purification_step_size": m.step_size,
+                         "batch_equivalent": m.batch_equivalent,
+                         "attack_gradient": (m.attack_gradient
+                                             if m.step_size else None)}
+                 for m in setup.models},
       "threat_models": {
           n: {"eps": float(c[n].eps), "step_size": float(c[n].step_size),
               "steps": c.steps, "restarts": c.restarts,
@@ -221,34 +382,43 @@ def summarize(setup: Setup, columns: dict[str, np.ndarray]) -> dict[str, Any]:
                   "gradient_normalisation": "per image (the official code "
                                             "normalises over the batch)"},
       "notes": {"robust": "correct clean and at every PGD iterate of every "
-                          "restart (white-box, through the purification)"},
+                          "restart (white-box, through the purification)",
+                "attack_gradients": "full: exact, through each purification "
+                                    "step's inner gradient; official: each "
+                                    "step's direction detached, as the "
+                                    "official code; bpda: purification as "
+                                    "the identity on the backward pass (no "
+                                    "randomness in it, so no EOT)"},
   }
 
 
 def draw(summary: dict, path: str) -> None:
-  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  keys = list(summary["models"])
+  many = len(keys) > 2
+  fig, ax = plt.subplots(figsize=(11.0, 5.0) if many else (6.4, 4.0), dpi=120)
   settings = ("clean",) + NORMS
   labels = {"clean": "clean", "linf": "PGD L-inf", "l2": "PGD L2"}
-  width = 0.38
-  for k, m in enumerate(MODELS):
+  width = 0.8 / len(keys)
+  for k, m in enumerate(keys):
     acc = [summary["accuracy"][m][s] for s in settings]
-    xs = np.arange(len(settings)) + (k - 0.5) * width
-    bars = ax.bar(xs, acc, width, label=MODEL_NAMES[m])
+    xs = np.arange(len(settings)) + (k - (len(keys) - 1) / 2) * width
+    bars = ax.bar(xs, acc, width, label=summary["models"][m]["name"])
     for b, v in zip(bars, acc):
       ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}",
-              ha="center", va="bottom", fontsize=8)
+              ha="center", va="bottom", fontsize=5 if many else 8,
+              rotation=90 if many else 0)
   tm = summary["threat_models"]
   ax.set_xticks(np.arange(len(settings)))
   ax.set_xticklabels([labels["clean"],
                       f"{labels['linf']}\neps={tm['linf']['eps']:.4g}",
                       f"{labels['l2']}\neps={tm['l2']['eps']:g}"])
-  ax.set_ylim(0, 1.08)
+  ax.set_ylim(0, 1.15 if many else 1.08)
   ax.set_ylabel("accuracy")
   name = summary["model"]["name"]
   name = "toy-world CLIP (demo model)" if name == "toy" else name
   ax.set_title(f"{name} on {summary['dataset']}, "
                f"{summary['images']} images")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=6 if many else 8, ncol=2 if many else 1)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   common.save_figure(fig, path)
@@ -275,7 +445,8 @@ def _run_locked(setup: Setup, journal: common.ResumableRun,
   if config.backbone == "toy":
     stream.write(f"note: {MODEL_NOTE}\n")
   tsv = os.path.join(workdir, "results.tsv")
-  journal.prepare({tsv: HEADER})
+  header = header_of(setup.models)
+  journal.prepare({tsv: header})
   todo = journal.remaining(setup.indices)
   start = time.perf_counter()
   if not todo:
@@ -293,21 +464,27 @@ def _run_locked(setup: Setup, journal: common.ResumableRun,
       first = time.perf_counter()
     rows = attack_batch(setup, batch)
     for idx, row in zip(batch, rows):
-      journal.commit(idx, {tsv: (HEADER, row)})
+      journal.commit(idx, {tsv: (header, row)})
     if k == 0:
       done += len(batch)
       stream.write(f"first batch ({len(batch)} images) done in "
                    f"{time.perf_counter() - first:.1f} s, compilation included\n")
       progress = common.Progress(len(setup.indices), "images", stream=stream,
                                  already_done=done,
-                                 per="clean + PGD L-inf + PGD L2, both models")
+                                 per="clean + PGD L-inf + PGD L2, "
+                                     f"{len(setup.models)} models")
     else:
       progress.update(len(batch), note=f"images {batch[0]}..{batch[-1]}")
-  columns = read_results(tsv)
+  columns = read_results(tsv, setup.models)
   if len(columns["idx"]) != len(setup.indices):
     raise DataError(f"{tsv} holds {len(columns['idx'])} rows for "
                     f"{len(setup.indices)} images")
   summary = summarize(setup, columns)
+  if config.clipure.gradient_path_images and config.clipure.steps:
+    chosen = setup.indices[:config.clipure.gradient_path_images]
+    images, labels, _ = load_batch(setup, chosen)
+    summary["gradient_path"] = gradient_path(
+        setup, images[:len(chosen)], labels[:len(chosen)])
   summary["config"] = config.to_dict()
   summary["seconds_this_run"] = time.perf_counter() - start
   summary["table"] = os.path.join(workdir, "results.tsv")
@@ -331,11 +508,26 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
   heads = ("clean", f"L-inf {tm['linf']['eps']:.4g} (4/255)"
            if abs(tm["linf"]["eps"] - 4 / 255) < 1e-12
            else f"L-inf {tm['linf']['eps']:.4g}", f"L2 {tm['l2']['eps']:g}")
-  w(f"{'classifier':14}" + "".join(f"{h:>22}" for h in heads) + "\n")
-  for m in MODELS:
-    acc = summary["accuracy"][m]
-    w(f"{MODEL_NAMES[m]:14}"
+  width = max(14, max(len(m.name) for m in setup.models) + 2)
+  w(f"{'classifier':{width}}" + "".join(f"{h:>22}" for h in heads) + "\n")
+  for m in setup.models:
+    acc = summary["accuracy"][m.key]
+    w(f"{m.name:{width}}"
       + "".join(f"{acc[a]:22.3f}" for a in ("clean",) + NORMS) + "\n")
+  path = summary.get("gradient_path")
+  if path:
+    w(f"\ngradient path, official against full (step size "
+      f"{path['step_size']:g}, {path['images']} images; median [min, max]):\n")
+    for k in ("image_float32", "embedding_float32", "embedding_float64"):
+      cos, ratio = path[k]["cosine"], path[k]["norm_ratio"]
+      w(f"  {k:18} cosine {cos['median']:.3g} [{cos['min']:.3g}, "
+        f"{cos['max']:.3g}]  norm ratio {ratio['median']:.3g} "
+        f"[{ratio['min']:.3g}, {ratio['max']:.3g}]\n")
+    geo = path["geometry"]
+    w(f"  geometry: {geo['far_from_blank']} of {path['images']} embeddings "
+      f"more than {geo['turn_per_step_degrees']:.1f} degrees from the blank; "
+      f"turned by {geo['turned_degrees_far']} (far) and "
+      f"{geo['turned_degrees_near']} (near) degrees\n")
   w(f"\nresults: {summary['table']}, {setup.workdir}/summary.json and "
     f"{summary['figure']}\n")
 

@@ -148,10 +148,16 @@ def purify(z: jax.Array, blank: jax.Array, *, steps: int = DEFAULT_STEPS,
   Geometry (useful when choosing step_size): g = -(b - cos(u, b) u) with b the
   unit blank, so ||g|| = sin(angle(u, b)) and g is tangent to the sphere; the
   update keeps u in the plane of (u, b) and turns it by atan(step_size)
-  radians towards b. With step_size 30 that turn is 88.1 degrees: an
-  embedding less than 88.1 degrees from the blank overshoots it, and the next
-  step turns it back exactly, so an even number of steps returns it to where
-  it started (up to rounding).
+  radians towards b. With step_size 30 that turn is alpha = 88.1 degrees: an
+  embedding less than alpha from the blank overshoots it, and the next step
+  turns it back exactly, so an even number of steps returns it to where it
+  started (up to rounding). One more than alpha from the blank (angle theta)
+  is not mirrored across the blank: the first two steps turn it by 2 alpha
+  = 176.2 degrees towards and past the blank, to 176.2 - theta degrees from
+  it on the other side (for theta < 176.2; 3.8 degrees from -z), and later
+  pairs of steps leave it there. After an even number of steps (the default 10) it is z turned by
+  2 alpha in the plane of (z, blank), near the opposite direction (measured
+  on the toy model: docs/CLIPURE.md).
 
   Gradients (`gradient`; the values are the same for all three): "full"
   differentiates through everything, the inner gradient included (second

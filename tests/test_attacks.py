@@ -201,3 +201,77 @@ def test_attack_experiment_bad_flag_exits_1_with_one_line(warm_python, tmp_path,
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and word in lines[0]
   assert not os.path.exists(tmp_path / "results.tsv")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--config.clipure.attack_gradients=full,exact"],
+     ["attack gradient must be one of", "'exact'"]),
+    (["--config.clipure.attack_gradients=bpda", "--config.clipure.steps=0"],
+     ["attack gradient 'bpda' needs a purified classifier"]),
+    (["--config.clipure.attack_gradients=full,full"], ["names one twice"]),
+    (["--config.clipure.batch_equivalents=0,2"], ["batch_equivalents"])])
+def test_attack_experiment_bad_attack_gradient_exits_1_with_one_line(
+    tmp_path, flags, words):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.attack", f"--workdir={tmp_path}",
+       "--config=experiments/configs/attack.py:quick"] + flags,
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: ")
+  for word in words:
+    assert word in lines[0]
+  assert not os.path.exists(tmp_path / "results.tsv")
+
+
+def test_masking_variant_lists_every_gradient_and_batch_equivalent():
+  from experiments import attack as attack_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import attack as attack_configs  # pylint: disable=g-import-not-at-top
+  models = attack_experiment.models_of(attack_configs.get_config("masking"))
+  assert len(models) == 13
+  assert models[0].key == "clip" and models[0].step_size is None
+  keys = [m.key for m in models]
+  assert keys[1:4] == ["clipure", "clipure_official", "clipure_bpda"]
+  assert "clipure_b256_bpda" in keys
+  steps = {m.key: m.step_size for m in models}
+  np.testing.assert_allclose(
+      [steps["clipure"], steps["clipure_b2"], steps["clipure_b32_official"],
+       steps["clipure_b256_bpda"]],
+      [30.0, 30 / np.sqrt(2), 30 / np.sqrt(32), 30 / np.sqrt(256)])
+  # The default config's table is unchanged: CLIP and CLIPure-Cos.
+  assert [m.key for m in attack_experiment.models_of(
+      attack_configs.get_config())] == ["clip", "clipure"]
+
+
+def test_attack_experiment_runs_with_the_official_gradient_ci_sized(tmp_path):
+  # CI-sized: 2 images, 1 PGD step, 2 purification steps of size 30.
+  from experiments import attack as attack_experiment  # pylint: disable=g-import-not-at-top
+  from experiments.configs import attack as attack_configs  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  config = attack_configs.get_config("quick")
+  config.max, config.batch_size, config.steps = 100, 2, 1  # images 0 and 50
+  config.clipure.steps = 2
+  config.clipure.attack_gradients = "official"
+  config.clipure.gradient_path_images = 2
+  setup, summary = attack_experiment.run(config, str(tmp_path),
+                                         stream=io.StringIO())
+  assert list(summary["models"]) == ["clip", "clipure_official"]
+  assert summary["models"]["clipure_official"]["attack_gradient"] == "official"
+  columns = attack_experiment.read_results(str(tmp_path / "results.tsv"),
+                                           setup.models)
+  assert len(columns["idx"]) == 2
+  assert "clipure_official_linf" in columns and "clipure_linf" not in columns
+  path = summary["gradient_path"]
+  # 2 steps of 30: what is left of the gradient is at most (1 + 900)^-1 of it
+  # across the plane of (z, blank), less within it (float64).
+  ratio = path["embedding_float64"]["norm_ratio"]
+  assert 0 < ratio["max"] <= 1.001 / 901
+  assert path["image_float32"]["norm_ratio"]["max"] < 1e-2
+  geo = path["geometry"]
+  np.testing.assert_allclose(geo["turn_per_step_degrees"],
+                             np.degrees(np.arctan(30.0)))
+  out = io.StringIO()
+  attack_experiment.print_report(setup, summary, stream=out)
+  assert "official gradient" in out.getvalue()
+  assert "gradient path" in out.getvalue()

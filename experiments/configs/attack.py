@@ -11,6 +11,9 @@ The argument after ':' is a comma-separated list of variants, applied in order:
              | strong (100 steps, 5 restarts)
   blank      single_blank (the paper's "a photo of a ."; default: the mean
              over the dataset's templates, as the official code's t_blank)
+  gradients  masking (CLIPure-Cos attacked with each gradient, full,official,bpda,
+             at the official step size and at the per-image steps 30 / sqrt(B)
+             of batches B = 2, 32, 256: gradient masking measured side by side)
 Any field can then be set with --config.FIELD=VALUE (`--help` lists them all).
 
 Default threat models, in [0, 1] pixel units before CLIP preprocessing:
@@ -27,7 +30,9 @@ VARIANTS = """datasets toy | cifar10 | imagenet;
 backbones toy | vit_b32 | vit_b16 | vit_l14 | rn50 | rn101 | openclip_vit_b32;
 scale quick (CI-sized: 20 images, 3 steps, 1 restart) | strong (100 steps, 5
 restarts); blank single_blank (the paper's "a photo of a ."; default: the mean
-over the dataset's templates)"""
+over the dataset's templates); gradients masking (CLIPure-Cos under the full,
+official and bpda attack gradients, at step size 30 and 30 / sqrt(B) for B = 2,
+32, 256)"""
 EXAMPLE_VARIANTS = "cifar10,vit_b32,strong"
 
 # Every `skip`-th test image: toy 500 of 1,000; CIFAR-10 500 of 10,000;
@@ -66,6 +71,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.clipure.step_size = 30.0
   # "templates": the mean over blank_templates; "single": "a photo of a .".
   c.clipure.blank = "templates"
+  # How PGD differentiates through the purification: a comma list of
+  # full (exact), official (each step's direction detached, as the official
+  # code) and bpda (identity on the backward pass); one CLIPure-Cos column each.
+  c.clipure.attack_gradients = "full"
+  # Batch sizes B whose official step (~ step_size / sqrt(B) per image, the
+  # official code normalising over the batch) get CLIPure-Cos columns of their
+  # own, per image; empty: the step size above only.
+  c.clipure.batch_equivalents = ()
+  # Official against full gradient (and where purification puts embeddings)
+  # on the first this many selected images; 0: not measured.
+  c.clipure.gradient_path_images = 0
   c.blank_templates = ""      # empty: the dataset's templates; or a file / ';' list
 
   for variant in filter(None, (arg or "").split(",")):
@@ -85,6 +101,10 @@ def _apply(c: config_dict.ConfigDict, variant: str) -> None:
     c.steps, c.restarts = 100, 5
   elif variant == "single_blank":
     c.clipure.blank = "single"
+  elif variant == "masking":
+    c.clipure.attack_gradients = "full,official,bpda"
+    c.clipure.batch_equivalents = (2, 32, 256)
+    c.clipure.gradient_path_images = 8
   else:
     # SystemExit, not ValueError: ml_collections would print a traceback.
     raise SystemExit(f"error: unknown attack config variant {variant!r}; "
