@@ -327,10 +327,13 @@ def gradient_path(setup: Setup, images: np.ndarray,
                                          blank.astype(np.float64),
                                          steps=c.clipure.steps, step_size=step))
   unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
-  theta = np.degrees(np.arccos(np.clip(unit(z) @ unit(blank), -1, 1)))
-  turned = np.degrees(np.arccos(np.clip(np.sum(unit(z) * unit(purified), -1),
-                                        -1, 1)))
-  theta_out = np.degrees(np.arccos(np.clip(unit(purified) @ unit(blank), -1, 1)))
+  # 2 asin(|a - b| / 2): accurate for small angles too, unlike acos(a.b).
+  angle = lambda a, b: np.degrees(2 * np.arcsin(np.clip(
+      np.linalg.norm(unit(a) - unit(b), axis=-1) / 2, 0, 1)))
+  z64, blank64 = z.astype(np.float64), blank.astype(np.float64)
+  theta = angle(z64, blank64[None])
+  turned = angle(z64, purified)
+  theta_out = angle(purified, blank64[None])
   far = theta > np.degrees(np.arctan(step))
   out["geometry"] = {
       "turn_per_step_degrees": float(np.degrees(np.arctan(step))),
