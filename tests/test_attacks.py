@@ -211,11 +211,10 @@ def test_attack_experiment_bad_flag_exits_1_with_one_line(warm_python, tmp_path,
     (["--config.clipure.attack_gradients=full,full"], ["names one twice"]),
     (["--config.clipure.batch_equivalents=0,2"], ["batch_equivalents"])])
 def test_attack_experiment_bad_attack_gradient_exits_1_with_one_line(
-    tmp_path, flags, words):
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.attack", f"--workdir={tmp_path}",
-       "--config=experiments/configs/attack.py:quick"] + flags,
-      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    warm_python, tmp_path, flags, words):
+  proc = warm_python.run("experiments.attack", f"--workdir={tmp_path}",
+                         "--config=experiments/configs/attack.py:quick",
+                         *flags, timeout=300)
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
