@@ -62,10 +62,16 @@ from ovc_jax import zeroshot
 from ovc_jax.classifiers import EmbeddingClassifier
 from ovc_jax.errors import ConfigError, DataError, InputError
 
-_CONFIG = common.define_config_flag(attack_configs)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", os.path.join("workdirs", "attack"),
-    "Where results and the run's config go.")
+_FLAGS = {}
+
+
+def define_flags() -> None:
+  """Defined only when this module is the program (tests import several
+  entry points into one process)."""
+  _FLAGS["config"] = common.define_config_flag(attack_configs)
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", os.path.join("workdirs", "attack"),
+      "Where results and the run's config go.")
 
 
 NORMS = attacks.NORMS
@@ -539,9 +545,10 @@ def print_report(setup: Setup, summary: dict, stream=sys.stdout) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  setup, summary = run(_CONFIG.value, _WORKDIR.value)
+  setup, summary = run(_FLAGS["config"].value, _FLAGS["workdir"].value)
   print_report(setup, summary)
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run_app(main)
