@@ -21,6 +21,7 @@ from ovc_jax.errors import ConfigError
 
 # The run and its rerun share the session's JAX compilation cache.
 from commands import ENV, REPO
+import test_reliability_experiments  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # ---------------------------------------------------------------------------
@@ -362,11 +363,7 @@ def test_resume_with_other_weights_is_refused_and_k1_summary_is_json(tmp_path):
     done = f.read().splitlines()
   with open(os.path.join(workdir, "done.txt"), "w") as f:
     f.write(done[0] + "\n")  # as if killed after the clean pass
-  weights = weights_io.read_safetensors(str(model / "model.safetensors"))
-  name = sorted(weights)[0]
-  weights[name] = weights[name] + np.float32(1e-3)
-  weights_io.write_safetensors(weights, str(model / "model.safetensors"))
-  new = weights_io.file_sha256(str(model / "model.safetensors"))
+  new = test_reliability_experiments.change_one_weight(model)
   with pytest.raises(common.WorkdirError) as e:
     fh.run(config, workdir, stream=io.StringIO())
   message = str(e.value)

@@ -55,6 +55,16 @@ time.sleep(600)
 """
 
 
+def change_one_weight(model) -> str:
+  """Adds 1e-3 to one tensor of model/model.safetensors; its new sha256."""
+  path = str(model / "model.safetensors")
+  weights = weights_io.read_safetensors(path)
+  name = sorted(weights)[0]
+  weights[name] = weights[name] + np.float32(1e-3)
+  weights_io.write_safetensors(weights, path)
+  return weights_io.file_sha256(path)
+
+
 def tiny_config(**overrides):
   config = certify_configs.get_config()
   for key, value in {**TINY, **overrides}.items():
@@ -245,11 +255,7 @@ def test_weights_swapped_between_a_kill_and_a_resume_are_refused(reference,
   assert old == weights_io.file_sha256(str(model / "model.safetensors"))
   (workdir / "done.txt").write_text("0\n")  # as if killed after input 0
   before = tsv_rows(workdir)
-  weights = weights_io.read_safetensors(str(model / "model.safetensors"))
-  name = sorted(weights)[0]
-  weights[name] = weights[name] + np.float32(1e-3)
-  weights_io.write_safetensors(weights, str(model / "model.safetensors"))
-  new = weights_io.file_sha256(str(model / "model.safetensors"))
+  new = change_one_weight(model)
   with pytest.raises(common.WorkdirError) as e:
     certify(config, workdir)
   message = str(e.value)
