@@ -304,34 +304,34 @@ def gradient_path(setup: Setup, images: np.ndarray,
                                 steps=c.clipure.steps, step_size=step,
                                 attack_gradient=g),
         preprocess=setup.loaded.preprocess)
-    pixel[g] = np.asarray(jax.grad(lambda x: ce(
+    # Compiled whole: run op by op, the many small ops each compile alone.
+    pixel[g] = np.asarray(jax.jit(jax.grad(lambda x: ce(
         c.logit_scale * clf.embed(purified_params, x)
-        @ setup.class_embeddings.T))(jnp.asarray(images)))
+        @ setup.class_embeddings.T)))(jnp.asarray(images)))
   cos, ratio = _cosine_and_ratio(pixel["official"], pixel["full"])
   out["image_float32"] = {"cosine": _stats(cos), "norm_ratio": _stats(ratio)}
-  z = np.asarray(EmbeddingClassifier(
-      setup.loaded.model.embed_images, normalize=False,
-      preprocess=setup.loaded.preprocess).embed(setup.loaded.params,
-                                                jnp.asarray(images)))
+  plain = EmbeddingClassifier(setup.loaded.model.embed_images, normalize=False,
+                              preprocess=setup.loaded.preprocess)
+  z = np.asarray(jax.jit(plain.embed)(setup.loaded.params, jnp.asarray(images)))
   blank = np.asarray(purified_params["blank"])
   u = np.asarray(setup.class_embeddings)
   for dtype, x64 in (("float32", False), ("float64", True)):
     with jax.enable_x64(x64):
       zz, bb, uu = (jnp.asarray(a, dtype) for a in (z, blank, u))
-      grads = {g: np.asarray(jax.grad(lambda v: ce(
+      grads = {g: np.asarray(jax.jit(jax.grad(lambda v: ce(
           c.logit_scale * (lambda p: p / jnp.linalg.norm(
               p, axis=-1, keepdims=True))(clipure.purify(
                   v, bb, steps=c.clipure.steps, step_size=step,
-                  gradient=g)) @ uu.T))(zz)) for g in ("full", "official")}
+                  gradient=g)) @ uu.T)))(zz)) for g in ("full", "official")}
     cos, ratio = _cosine_and_ratio(grads["official"], grads["full"])
     out[f"embedding_{dtype}"] = {"cosine": _stats(cos),
                                  "norm_ratio": _stats(ratio)}
   # Where the purified embeddings end up (float64): the angle theta from the
   # blank before, and the angle each embedding turned by.
   with jax.enable_x64(True):
-    purified = np.asarray(clipure.purify(z.astype(np.float64),
-                                         blank.astype(np.float64),
-                                         steps=c.clipure.steps, step_size=step))
+    purified = np.asarray(jax.jit(lambda v, b: clipure.purify(
+        v, b, steps=c.clipure.steps, step_size=step))(
+            z.astype(np.float64), blank.astype(np.float64)))
   unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
   # 2 asin(|a - b| / 2): accurate for small angles too, unlike acos(a.b).
   angle = lambda a, b: np.degrees(2 * np.arcsin(np.clip(

@@ -20,8 +20,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN_ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
                  PYTHONUNBUFFERED="1")
 
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="ovc-jax-tests-compilation-cache-")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+# One cache for the whole session: pytest's first process makes it and
+# removes it at its end; with `-n 2` the xdist workers it starts inherit the
+# variable and share that folder.
+_SHARED = "OVC_JAX_TESTS_COMPILATION_CACHE"
+COMPILATION_CACHE = os.environ.get(_SHARED, "")
+if not os.path.isdir(COMPILATION_CACHE):
+  COMPILATION_CACHE = tempfile.mkdtemp(prefix="ovc-jax-tests-compilation-cache-")
+  os.environ[_SHARED] = COMPILATION_CACHE
+  atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 
 ENV = dict(PLAIN_ENV, JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -4,8 +4,18 @@ import time
 
 import pytest
 
-from commands import ENV
+import jax
+
+from commands import COMPILATION_CACHE, ENV
 from warm_python import WarmPython
+
+# The tests' own compilations go to the session's persistent compilation
+# cache too (tests/commands.py), shared with the commands they start and with
+# the other xdist worker: the same programs are compiled in many of them. A
+# program loaded from the cache is the one compiling gives.
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +42,28 @@ def tiny_certify_run(tmp_path_factory):
   start = time.perf_counter()
   proc = run("experiments.certify", f"--workdir={workdir}", *TINY)
   return workdir, proc, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def clipure_certify_run(tmp_path_factory):
+  """One plain run of the certify experiment's clipure variant (plain CLIP
+  and CLIPure-Cos) at test_experiments.TINY with two small purification
+  steps (test_distributed.CLIPURE): (workdir, wall seconds). Read by the
+  two-process test, which must reproduce its rows, and by the clipure
+  variant's own checks. Its users share the xdist group "clipure_run", so
+  under `-n 2` it is made once. Read-only for its users.
+  """
+  from test_distributed import CLIPURE, TIMEOUT_S  # pylint: disable=g-import-not-at-top
+  from test_experiments import TINY, run  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("clipure_one_process"))
+  start = time.perf_counter()
+  run("experiments.certify", f"--workdir={workdir}", *CLIPURE, *TINY,
+      timeout=TIMEOUT_S)
+  return workdir, time.perf_counter() - start
+
+
+def pytest_collection_modifyitems(items):
+  """The tests marked `heavy` (a minute or more of CPU) first, in their
+  order: started last, one of them would keep one core busy while the other
+  waits (`-n 2`). The rest keep their order."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

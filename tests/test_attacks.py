@@ -243,6 +243,7 @@ def test_masking_variant_lists_every_gradient_and_batch_equivalent():
       attack_configs.get_config())] == ["clip", "clipure"]
 
 
+@pytest.mark.heavy
 def test_attack_experiment_runs_with_the_official_gradient_ci_sized(tmp_path):
   # CI-sized: 2 images, 1 PGD step, 2 purification steps of size 30.
   from experiments import attack as attack_experiment  # pylint: disable=g-import-not-at-top

@@ -2,27 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 
 from ovc_jax import results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
 
-
-def test_clipure_variant_certifies_both_with_the_same_keys(tmp_path):
-  workdir = str(tmp_path / "w")
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.certify",
-       "--config=experiments/configs/certify.py:clipure", f"--workdir={workdir}",
-       "--config.skip=500", "--config.n0=30", "--config.n=200",
-       "--config.irs.n_p=100", "--config.batch_size=100",
-       "--config.num_novel=1", "--config.clipure.step_size=0.1"],
-      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.heavy
+@pytest.mark.xdist_group("clipure_run")
+def test_clipure_variant_certifies_both_with_the_same_keys(clipure_certify_run):
+  # The shared run (tests/conftest.py): TINY, two purification steps.
+  workdir, _ = clipure_certify_run
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   # Cached-OVC from the purified caches is standard RS on the purified
@@ -33,7 +24,7 @@ def test_clipure_variant_certifies_both_with_the_same_keys(tmp_path):
   plain = results.list_tsvs(os.path.join(workdir, "tsv", "standard"))
   purified = results.list_tsvs(os.path.join(workdir, "tsv", "clipure_cos",
                                             "standard"))
-  assert len(plain) == len(purified) == 18  # 17 known + 1 novel prompt
+  assert len(plain) == len(purified) == 18  # 16 known + 2 novel prompts
   for a, b in zip(sorted(plain), sorted(purified)):
     ra, rb = results.read_tsv(a), results.read_tsv(b)
     np.testing.assert_array_equal(ra["idx"], rb["idx"])

@@ -91,24 +91,16 @@ def wait_all(procs, timeout=TIMEOUT_S):
   return outs
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """A plain one-process run (one device, no flags)."""
-  workdir = str(tmp_path_factory.mktemp("one_process"))
-  start = time.perf_counter()
-  run("experiments.certify", f"--workdir={workdir}", *CLIPURE, *TINY,
-      timeout=TIMEOUT_S)
-  return workdir, time.perf_counter() - start
-
-
+@pytest.mark.heavy
+@pytest.mark.xdist_group("clipure_run")
 def test_two_processes_killed_restarted_and_merged_equal_one_process(
-    reference, warm_python, tmp_path):
+    clipure_certify_run, warm_python, tmp_path):
   """SIGKILL mid-run, a refused merge, a restart: the one-process rows.
 
   (One flow, not two tests, to keep the file CI-sized: the restart is a
   complete two-process run of the inputs left.)
   """
-  ref, ref_seconds = reference
+  ref, ref_seconds = clipure_certify_run  # one process, one device
   workdir = str(tmp_path / "killed")
   done0 = os.path.join(distributed.part_dir(workdir, 0, 2), "done.txt")
   # Process 0 (inputs 0 and 800) pauses in input 800 once input 0 is done;

@@ -27,6 +27,10 @@ TINY = ["--config.skip=400", "--config.n0=50", "--config.n=400",
         "--config.irs.n_p=200", "--config.irs.gamma=0.05",
         "--config.batch_size=200", "--config.num_novel=2"]
 
+# The tests that read the shared TINY run (conftest.tiny_certify_run) run on
+# one xdist worker, so that it is made once.
+SHARES_TINY_RUN = pytest.mark.xdist_group("tiny_certify_run")
+
 
 def run(module, *args, check=True, timeout=600, env=None):
   proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
@@ -58,6 +62,7 @@ def certify_run(tiny_certify_run):
   return workdir, proc
 
 
+@SHARES_TINY_RUN
 def test_certify_reports_every_method(certify_run):
   workdir, proc = certify_run
   for name in ("standard RS", "Modified-IRS", "Cached-OVC", "MVN-OVC (approximate)"):
@@ -80,6 +85,7 @@ def test_certify_reports_every_method(certify_run):
   assert mvn and all(results.read_tsv(p)["approximate"].all() for p in mvn)
 
 
+@SHARES_TINY_RUN
 def test_summary_equals_a_cohen_style_computation_on_the_tsvs(certify_run):
   workdir, _ = certify_run
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -99,6 +105,7 @@ def test_summary_equals_a_cohen_style_computation_on_the_tsvs(certify_run):
         np.mean([row["predict"] == "-1" for row in rows]))
 
 
+@SHARES_TINY_RUN
 def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
   reference, _ = certify_run
   workdir = str(tmp_path / "killed")
@@ -125,6 +132,7 @@ def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
   assert tsv_rows_without_time(workdir) == tsv_rows_without_time(reference)
 
 
+@SHARES_TINY_RUN
 def test_analyze_draws_and_tabulates(certify_run, warm_python):
   workdir, _ = certify_run
   proc = warm_python.run("experiments.analyze", f"--workdir={workdir}")
@@ -134,6 +142,7 @@ def test_analyze_draws_and_tabulates(certify_run, warm_python):
   assert "Cached-OVC" in proc.stdout and "r>=0" in proc.stdout
 
 
+@SHARES_TINY_RUN
 def test_calibrate_mvn(certify_run, warm_python):
   workdir, _ = certify_run
   proc = warm_python.run("experiments.calibrate_mvn",
@@ -180,6 +189,7 @@ def test_bad_flags_fail_cleanly_and_write_nothing(warm_python, tmp_path, flag,
   assert not workdir.exists()
 
 
+@SHARES_TINY_RUN
 def test_a_workdir_of_another_configuration_is_refused(certify_run,
                                                        warm_python):
   workdir, _ = certify_run
@@ -191,6 +201,7 @@ def test_a_workdir_of_another_configuration_is_refused(certify_run,
   assert tsv_rows_without_time(workdir) == before
 
 
+@pytest.mark.heavy
 def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
   workdir = str(tmp_path / "paper")
   run("experiments.paper", "--config=experiments/configs/paper.py:ci",
@@ -225,6 +236,7 @@ def test_paper_experiments_write_consistent_tables_and_figures(tmp_path):
     assert row["irs_applied_fraction"] == pytest.approx(expected)
 
 
+@pytest.mark.heavy
 def test_benchmark_writes_every_field(tmp_path):
   workdir = str(tmp_path / "bench")
   # Without the shared compilation cache: the benchmark times compilation

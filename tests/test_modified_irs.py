@@ -41,6 +41,7 @@ def setup(sigma):
   return encoder, jnp.asarray(x, jnp.float32)
 
 
+@pytest.mark.heavy
 def test_irs_soundness_over_2000_keys():
   sigma, alpha, alpha_zeta, trials = 0.5, 0.01, 0.01, 2000
   m_known, m_novel = 1.3, 1.27

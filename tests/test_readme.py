@@ -7,6 +7,8 @@ import os
 import re
 import types
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,6 +40,7 @@ def _example_and_output():
   return m.group(1), m.group(2)
 
 
+@pytest.mark.heavy
 def test_readme_python_example_runs(capsys):
   block, expected = _example_and_output()
   assert len(block.splitlines()) <= 25

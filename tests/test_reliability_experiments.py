@@ -167,6 +167,7 @@ def test_a_second_process_is_refused_and_a_killed_ones_lock_is_not(
   assert os.path.getsize(workdir / ".lock") == 0  # released
 
 
+@pytest.mark.heavy
 def test_two_runs_started_together_then_ctrl_c_then_resume(reference, tmp_path):
   """Both start at once: one runs, the other stops at once naming it (no
   'no known cache'); Ctrl-C ends the first with status 130, and the resume

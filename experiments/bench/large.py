@@ -121,6 +121,7 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
   in_memory = ovc.OVCCaches(None, draws, fit)
   stored = ovc.StoredCaches(root, prov)
   repeats = int(large.repeats)
+  min_total_s = float(large.min_total_s)
 
   # This machine's rates, in this run.
   host_rows = np.asarray(estimation)
@@ -162,7 +163,7 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
     for fn in calls.values():
       fn()  # compiles
     for name in ("cached_memory", "mvn_memory"):
-      row[name] = timings(calls[name], repeats)
+      row[name] = timings(calls[name], repeats, min_total_s=min_total_s)
     # Input kinds, directly through the certifier (same rows, same result).
     numpy_draws = cached_ovc.EmbeddingDraws(np.array(selection),
                                             np.array(estimation))
@@ -177,7 +178,8 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
       smoothing = cached_smoothing(held, config)
       results[name] = cached_ovc.certify_cached(held, novel, smoothing)
       row[f"cached_input_{name}"] = timings(
-          lambda: cached_ovc.certify_cached(held, novel, smoothing), repeats)
+          lambda: cached_ovc.certify_cached(held, novel, smoothing), repeats,
+          min_total_s=min_total_s)
       del held  # a memory map must go before its pages can be dropped
     row["inputs_identical"] = all(
         r.prediction == results["jax"].prediction
@@ -185,8 +187,10 @@ def benchmark_large(backbone: Backbone, x, entry: dict, contexts: dict,
         for r in results.values())
     del numpy_draws
     # Warm disk, then cold disk (page cache dropped before each run).
-    row["cached_disk_warm"] = timings(calls["cached_disk"], repeats)
-    row["mvn_disk_warm"] = timings(calls["mvn_disk"], repeats)
+    row["cached_disk_warm"] = timings(calls["cached_disk"], repeats,
+                                      min_total_s=min_total_s)
+    row["mvn_disk_warm"] = timings(calls["mvn_disk"], repeats,
+                                   min_total_s=min_total_s)
     cold = {"cached_disk_cold": [], "cached_read_path_cold": [],
             "mvn_disk_cold": []}
     resident = []
