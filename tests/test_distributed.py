@@ -240,6 +240,10 @@ def test_merge_refuses_incomplete_parts(tmp_path):
 # this one process; the sequential mode, whose merge draws sequential.png.
 
 
+# Its readers run on one xdist worker, so that it is made once.
+SHARES_SEQUENTIAL_PARTS = pytest.mark.xdist_group("sequential_parts")
+
+
 @pytest.fixture(scope="module")
 def sequential_parts(tmp_path_factory):
   from test_reliability_experiments import tiny_config  # pylint: disable=g-import-not-at-top
@@ -253,6 +257,7 @@ def sequential_parts(tmp_path_factory):
   return config, workdir, summary
 
 
+@SHARES_SEQUENTIAL_PARTS
 def test_a_merged_sequential_run_draws_every_figure(sequential_parts):
   _, workdir, summary = sequential_parts
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -275,6 +280,7 @@ def _top_tables(workdir):
       os.path.join(workdir, "tsv"))}
 
 
+@SHARES_SEQUENTIAL_PARTS
 def test_merge_names_the_damaged_part_and_writes_nothing(sequential_parts,
                                                           tmp_path):
   workdir = _copy(sequential_parts[1], tmp_path)
@@ -295,6 +301,7 @@ def test_merge_names_the_damaged_part_and_writes_nothing(sequential_parts,
   assert _top_tables(workdir) == before  # no table rewritten
 
 
+@SHARES_SEQUENTIAL_PARTS
 @pytest.mark.parametrize("case", ["seed", "weights", "count"])
 def test_merge_refuses_a_part_of_another_run(sequential_parts, tmp_path, case):
   workdir = _copy(sequential_parts[1], tmp_path)
@@ -326,6 +333,7 @@ def test_merge_refuses_a_part_of_another_run(sequential_parts, tmp_path, case):
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 
+@SHARES_SEQUENTIAL_PARTS
 def test_a_lost_peer_says_restart_the_job_not_merge(sequential_parts,
                                                     tmp_path, monkeypatch):
   """The runtime lost process 1's heartbeat after 65 s of a 86,400 s wait:

@@ -39,6 +39,10 @@ from ovc_jax.models import weights_io
 import commands
 from commands import ENV, REPO
 
+# Most tests here read the module's reference run (compiled once): one
+# xdist worker runs them all, so that it is made once.
+pytestmark = pytest.mark.xdist_group("reliability_reference")
+
 # tests/test_experiments.py's TINY: 3 toy test images (0, 400, 800).
 TINY = {"skip": 400, "n0": 50, "n": 400, "irs.n_p": 200, "irs.gamma": 0.05,
         "batch_size": 200, "num_novel": 2}
