@@ -39,6 +39,19 @@ How the cache is read (it is the whole cost: one pass over (n0 + n) d floats,
   * Arrays on an accelerator (or traced) are counted by a `lax.scan` on the
     device instead.
 
+Compressed caches (`cache_codec.CompressedRows`, int8 or int16 codes with a
+bound b_i on each row's decoding error): each chunk is decoded in the
+compiled program, and a row counts for its decoded class when that class is
+certain to be standard RS's, its top logit beating every other by more than
+b_i ||u_t - u_c|| plus a float32 rounding allowance (docs/METHOD.md,
+"Compressed caches", derives it). The other rows are ambiguous:
+`CachedParams.ambiguous` = "regenerate" recomputes them from their keys with
+the encoder (`encoder_regenerator`), so the certificate is standard RS's bit
+for bit; "conservative" counts an ambiguous estimation row as a miss and an
+ambiguous selection row by its decoded class (sound, no encoder). The codes
+are read like float32 rows: in place or copied, chunk by chunk, memory-mapped
+files read ahead.
+
 Bits: XLA on CPU gives a row of E U^T the same bits in every chunk of at least
 `MIN_CHUNK_ROWS` rows, wherever the row sits in it; a chunk of fewer rows
 (one row, say) can take another kernel with other rounding. So chunks here
@@ -626,8 +639,10 @@ def _predict_host(embeddings: np.ndarray,
   at least MIN_CHUNK_ROWS rows (so each row's logits have standard RS's
   bits; see the module docstring)."""
   k = embeddings.shape[0]
-  chunk = max(chunk_rows(k, math.prod(class_embeddings.shape[:-1])),
-              MIN_CHUNK_ROWS)
+  # A power of two (one compiled program per bucket, not per k).
+  chunk = min(max(MIN_CHUNK_ROWS, 1 << (k - 1).bit_length()),
+              chunk_rows(REGENERATE_ROWS,
+                         math.prod(class_embeddings.shape[:-1])))
   out = []
   for start in range(0, k, chunk):
     block = embeddings[start:start + chunk]
