@@ -264,7 +264,7 @@ def test_identity_fails_when_the_bound_is_broken(near_tie, monkeypatch):
   wrong = counts_for(no_bound)
   assert not np.array_equal(wrong[0], references[0].counts)
   monkeypatch.setattr(cached_ovc, "rounding_allowance",
-                      lambda d: cached_ovc.RoundingAllowance(0., 1., 0., 1., 0.))
+                      lambda d: cached_ovc.RoundingAllowance(0., 1., 1., 0.))
   wrong = counts_for(compress(cache, "int16"))
   assert not np.array_equal(wrong[1], references[1].counts)
 
