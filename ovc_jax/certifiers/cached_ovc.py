@@ -440,7 +440,7 @@ def class_geometry(class_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
   """
   u = np.asarray(class_embeddings, np.float32).astype(np.float64)
   d = u.shape[-1]
-  gram = np.einsum("pcd,ped->pce", u, u)
+  gram = u @ np.swapaxes(u, -1, -2)
   sq = np.einsum("pcc->pc", gram)
   both = sq[:, :, None] + sq[:, None, :]
   gamma = (d + 3) * 2.0**-53 / (1 - (d + 3) * 2.0**-53)
