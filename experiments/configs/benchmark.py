@@ -100,6 +100,7 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
   c.compressed.toy_n = 10_000       # estimation rows per input and sigma (+ n0)
   c.compressed.architectures = ("ViT-B-32", "RN50")
   c.compressed.repeats = 3
+  c.compressed.min_total_s = 1.0    # a cheap call repeats until this many seconds
   c.variant = arg or "quick"
   if c.variant == "full":
     c.architectures = ("toy", "ViT-B-32", "ViT-B-16", "RN50", "RN101")
@@ -130,6 +131,7 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.compressed.toy_n = 200          # the main section's shapes: no compile
     c.compressed.architectures = ("toy",)
     c.compressed.repeats = 1
+    c.compressed.min_total_s = 0.0
   elif c.variant == "batched":
     c.batched.alone = True
   elif c.variant == "compressed":
