@@ -91,7 +91,7 @@ def decode_rows(rows: CompressedRows, start: int = 0,
                                                            np.float32)
 
 
-def _round_up(values: np.ndarray) -> np.ndarray:
+def round_up_to_float32(values: np.ndarray) -> np.ndarray:
   """float64 values as float32 no smaller than them."""
   f32 = values.astype(np.float32)
   below = f32.astype(np.float64) < values
@@ -137,7 +137,7 @@ def encode_rows(rows: Any, fmt: str) -> CompressedRows:
     # float64 norms err by far less than 1e-9 relative at any d used here;
     # the 2^-22 term covers a fused decode (module docstring).
     b = (err + 2.0**-22 * (product + size)) * (1 + 1e-9)
-    bound[start:start + len(block)] = np.where(ok, _round_up(b), 0)
+    bound[start:start + len(block)] = np.where(ok, round_up_to_float32(b), 0)
     scale[start:start + len(block)] = s
     codes[start:start + len(block)] = c
   return CompressedRows(mean, scale, codes, bound)

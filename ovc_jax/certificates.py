@@ -93,7 +93,8 @@ def check_smoothing_args(*, sigma: float, n0: int, n: int, alpha: float,
 
 
 class Certificate(NamedTuple):
-  """One certificate; unpacks as (prediction, radius, pA_lower, counts).
+  """One certificate: (prediction, radius, pA_lower, counts, ambiguous,
+  regenerated).
 
   Attributes:
     prediction: the certified class, or ABSTAIN (-1).
@@ -102,12 +103,18 @@ class Certificate(NamedTuple):
     pA_lower: the lower confidence bound on P[f(x + e) = cA] used for the
       radius (after any margin), in [0, 1].
     counts: int64 `[C]` histogram of the estimation draws.
+    ambiguous: draws (selection and estimation) whose class a compressed
+      cache left in doubt (0 for every other certifier and cache).
+    regenerated: how many of those were recomputed with the encoder, so
+      counted exactly (see `ovc_jax.certifiers.cached_ovc`).
   """
 
   prediction: int
   radius: float
   pA_lower: float
   counts: np.ndarray
+  ambiguous: int = 0
+  regenerated: int = 0
 
 
 class Counts(NamedTuple):

@@ -287,6 +287,93 @@ def sample_under_noise(
                  outputs=outputs, mesh=mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "outputs"))
+def _sample_chunk_at(apply_fn, params, x, key, sigma, indices, *, outputs):
+  """One chunk of `_sample`'s work, for the given sample indices: the same
+  noise and the same encoder call on a batch of the same shape."""
+  noise = standard_normal_samples(key, indices, x.shape, x.dtype)
+  result = apply_fn(params, x[None] + sigma.astype(x.dtype) * noise)
+  return {k: result[k] for k in outputs}
+
+
+def sample_at_indices(
+    apply_fn: ApplyFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
+    indices: Any,
+    *,
+    sigma: float,
+    batch_size: int,
+    outputs: Sequence[str] = ("embeddings",),
+    stream: str | None = None,
+) -> dict[str, jax.Array]:
+  """Evaluates the base classifier on the noise samples `indices` alone.
+
+  Sample i is `fold_in(key, i)`, as in `sample_under_noise` (with `stream`,
+  `key` is the input's key and the stream's key is derived from it, as
+  `sample_certification_draws` does). The samples are evaluated in batches
+  of exactly `batch_size` (the last one padded with repeats), so the encoder
+  sees the shapes it saw in a `sample_under_noise` run with that batch size
+  (which evaluates min(batch_size, num_samples) at once): pass that number
+  to get the same bits (tests/test_compressed_cache.py checks it on the
+  CPU).
+
+  Args:
+    apply_fn, params, x: as in `sample_under_noise`.
+    key: the stream's key (or, with `stream`, the input's key).
+    indices: int `[k]` sample indices, each >= 0, in any order, repeats
+      allowed; k may be 0.
+    sigma: noise standard deviation.
+    batch_size: samples evaluated at once.
+    outputs: any of "predictions" and "embeddings".
+    stream: None, or one of `KEY_STREAMS`.
+
+  Returns:
+    A dict with the requested outputs for the k samples, in `indices`' order.
+  """
+  outputs = tuple(outputs)
+  for name in outputs:
+    if name not in ("predictions", "embeddings"):
+      raise ConfigError(f"sample_at_indices gives 'predictions' and "
+                        f"'embeddings'; got output {name!r}")
+  if stream is not None:
+    key = stream_key(key, stream)
+  check_sampler_args(num_samples=1, sigma=sigma, batch_size=batch_size)
+  if not isinstance(apply_fn, Hashable):
+    raise ConfigError("apply_fn must be hashable (a function or frozen dataclass)")
+  indices = np.asarray(indices)
+  if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(
+      indices.dtype, np.integer)):
+    raise ConfigError(f"sample indices must be integers [k]; got dtype "
+                      f"{indices.dtype}, shape {indices.shape}")
+  if indices.size and (indices.min() < 0
+                       or indices.max() > np.iinfo(np.int32).max):
+    raise ConfigError(f"sample indices must lie in [0, 2^31); got "
+                      f"{indices.min()} to {indices.max()}")
+  x = check_input(x)
+  check_params = getattr(apply_fn, "check_params", None)
+  if check_params is not None:
+    check_params(params, np.shape(x))
+  indices = indices.astype(np.int32)
+  chunks = []
+  sigma = jnp.asarray(sigma, jnp.float32)
+  for start in range(0, indices.size, batch_size):
+    block = indices[start:start + batch_size]
+    padded = np.concatenate([block, np.full(batch_size - block.size,
+                                            block[-1], np.int32)])
+    out = _sample_chunk_at(apply_fn, params, jnp.asarray(x), key, sigma,
+                           jnp.asarray(padded), outputs=outputs)
+    chunks.append({k: v[:block.size] for k, v in out.items()})
+  if not chunks:  # no samples: the shapes of an empty evaluation
+    struct = jax.eval_shape(
+        lambda p, z: apply_fn(p, z), params,
+        jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)), jnp.float32))
+    return {k: jnp.zeros((0,) + struct[k].shape[1:], struct[k].dtype)
+            for k in outputs}
+  return {k: jnp.concatenate([c[k] for c in chunks]) for k in outputs}
+
+
 class Draws(NamedTuple):
   """The sampler outputs of CERTIFY's two draws (each a dict, see above)."""
 
