@@ -654,7 +654,10 @@ def certify_novel_prompt_sequential(
                       f"{class_embeddings.shape}")
   smoothing = params.smoothing
   if method == "mvn":
-    fit = mvn_ovc.fit_gaussian(embedding_draws.estimation)
+    rows = embedding_draws.estimation
+    if isinstance(rows, CompressedRows):  # an estimate anyway: decoded rows
+      rows = cache_codec.decode_rows(rows)
+    fit = mvn_ovc.fit_gaussian(rows)
     mvn_smoothing = dataclasses.replace(smoothing, n=seq_params.n_max)
     cert = mvn_ovc.certify_mvn(key, fit, class_embeddings, mvn_smoothing,
                                params.mvn)
@@ -666,15 +669,18 @@ def certify_novel_prompt_sequential(
     return SequentialNovelResult(result, "mvn", True, embedding_draws, 0)
   model_params = classifier.params(encoder_params, class_embeddings)
   size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
+  regenerate = sequential.stream_regenerator(classifier, model_params, x, key,
+                                             smoothing, seq_params, mesh)
   passes = 0
   while True:  # sequential.certify_sequential_extending, counting the passes
     result = sequential.certify_sequential_cached(
         embedding_draws, class_embeddings, smoothing, seq_params,
-        batch_size=params.cached_batch_size)
+        batch_size=params.cached_batch_size,
+        ambiguous=params.cached_ambiguous, regenerate=regenerate)
     if not isinstance(result, sequential.OutOfDraws):
       return SequentialNovelResult(result, "cached", False, embedding_draws,
                                    passes)
-    have = int(np.shape(embedding_draws.estimation)[0])
+    have = sequential.num_rows(embedding_draws.estimation)
     embedding_draws = sequential.extend_embeddings(
         classifier, model_params, x, key, embedding_draws,
         result.draws_needed, smoothing, mesh=mesh)
@@ -711,16 +717,18 @@ def replay_sequential(embedding_draws: EmbeddingDraws,
   equals the live run's, and the encoder passes are those the live run counts
   (the shared pass to the last known prompt's stop, then each extension to
   the next checkpoint a novel prompt's rule asks for). Many stopping rules can
-  thus be compared on one fixed-n run's caches.
+  thus be compared on one fixed-n run's caches. A compressed cache is
+  counted conservatively only (`params.cached_ambiguous`; there is no
+  encoder here to regenerate with).
   """
   smoothing = params.smoothing
-  have = int(np.shape(embedding_draws.estimation)[0])
+  have = sequential.num_rows(embedding_draws.estimation)
   if have < seq_params.n_max:
     raise ConfigError(f"replaying needs a cache of at least n_max = "
                       f"{seq_params.n_max} estimation draws; it holds {have}")
   known = sequential.certify_sequential_cached_many(
       embedding_draws, known_class_embeddings, smoothing, seq_params,
-      batch_size=params.cached_batch_size)
+      batch_size=params.cached_batch_size, ambiguous=params.cached_ambiguous)
   cached = max(r.draws for r in known)  # what the live pass keeps
   passes = smoothing.n0 + _evaluated_rows(cached, smoothing, mesh)
   size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
@@ -728,7 +736,8 @@ def replay_sequential(embedding_draws: EmbeddingDraws,
   for u in novel_class_embeddings:
     result = sequential.certify_sequential_cached(
         embedding_draws, u, smoothing, seq_params,
-        batch_size=params.cached_batch_size)
+        batch_size=params.cached_batch_size,
+        ambiguous=params.cached_ambiguous)
     for n_j in seq_params.checkpoints():  # the live loop's extensions
       if cached < n_j <= result.draws:
         passes += _evaluated_rows(n_j, smoothing, mesh) - cached // size * size

@@ -292,3 +292,51 @@ def test_bad_inputs_fail_in_one_line(float32_copy, tmp_path, warm_python):
     line = _one_error_line(warm_python.run(
         "experiments.caches", f"--workdir={workdir}", f"--action={action}"))
     assert f"cache metadata {path} does not match its checksum" in line
+
+
+def test_cache_flags_are_checked_before_anything_is_written(tmp_path,
+                                                            warm_python):
+  workdir = tmp_path / "w"
+  cases = [
+      (["--config.cache_format=int4"],
+       "--config.cache_format must be one of float32 | int16 | int8; got "
+       "'int4'"),
+      (["--config.cached_ambiguous=exact"],
+       "cached_ambiguous must be one of ('regenerate', 'conservative'); got "
+       "'exact'; set --config.cached_ambiguous"),
+      (["--config=experiments/configs/certify.py:sequential",
+        "--config.cache_format=int8"],
+       "sequential mode writes none"),
+  ]
+  for args, fragment in cases:
+    line = _one_error_line(warm_python.run(
+        "experiments.certify", f"--workdir={workdir}", *args, *TINY))
+    assert fragment in line, line
+  assert not workdir.exists()
+
+
+def test_resuming_with_another_cache_format(float32_copy, warm_python):
+  """regenerate: the format does not change a certificate, so a run resumes
+  with another one; conservative: it does, and both fields are recorded."""
+  workdir = float32_copy
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert "cache_format" not in recorded and "cached_ambiguous" not in recorded
+  proc = warm_python.run("experiments.certify", f"--workdir={workdir}", *TINY,
+                         "--config.cache_format=int16")
+  assert proc.returncode == 0, proc.stderr
+  assert "nothing was recomputed" in proc.stderr
+  line = _one_error_line(warm_python.run(
+      "experiments.certify", f"--workdir={workdir}", *TINY,
+      "--config.cached_ambiguous=conservative"))
+  assert "holds results of a different configuration (cache_format" in line
+  from experiments.common import certify_job
+  from experiments.configs import certify as certify_configs
+  config = certify_configs.get_config()
+  config.cached_ambiguous = "conservative"
+  config.cache_format = "int8"
+  record = certify_job.result_config(config)
+  assert (record["cache_format"], record["cached_ambiguous"]) == (
+      "int8", "conservative")
+  config.cached_ambiguous = "regenerate"
+  assert "cache_format" not in certify_job.result_config(config)

@@ -132,6 +132,11 @@ def validate(config) -> None:
     for sigma in config.sigmas:
       sequential_job.seq_params(config, sigma)
     sequential_job.replays(config)
+    if config.cache_format != "float32":
+      raise ConfigError(
+          "--config.cache_format sets the format of the caches ovc and "
+          "single modes write; sequential mode writes none (its growing cache "
+          "stays in memory): leave it float32")
   if config.method not in METHODS:
     raise ConfigError(f"--config.method must be one of {METHODS}; got "
                       f"{config.method!r}")
@@ -501,8 +506,7 @@ class Row:
     if self.sequential is not None:
       extra += tuple(self.sequential)
     if self.method == "cached":
-      extra += (int(getattr(self.cert, "ambiguous", 0)),
-                int(getattr(self.cert, "regenerated", 0)))
+      extra += (int(self.cert.ambiguous), int(self.cert.regenerated))
     return results.format_row(idx, label, self.cert.prediction,
                               self.cert.radius, self.seconds, extra)
 
