@@ -298,10 +298,10 @@ def test_cache_flags_are_checked_before_anything_is_written(tmp_path,
                                                             warm_python):
   workdir = tmp_path / "w"
   cases = [
-      (["--config.cache_format=int4"],
+      (["--config.cache_format=int4", *TINY],
        "--config.cache_format must be one of float32 | int16 | int8; got "
        "'int4'"),
-      (["--config.cached_ambiguous=exact"],
+      (["--config.cached_ambiguous=exact", *TINY],
        "cached_ambiguous must be one of ('regenerate', 'conservative'); got "
        "'exact'; set --config.cached_ambiguous"),
       (["--config=experiments/configs/certify.py:sequential",
@@ -310,7 +310,7 @@ def test_cache_flags_are_checked_before_anything_is_written(tmp_path,
   ]
   for args, fragment in cases:
     line = _one_error_line(warm_python.run(
-        "experiments.certify", f"--workdir={workdir}", *args, *TINY))
+        "experiments.certify", f"--workdir={workdir}", *args))
     assert fragment in line, line
   assert not workdir.exists()
 
