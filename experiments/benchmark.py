@@ -14,7 +14,10 @@ the first result in fresh processes with and without JAX's persistent
 compilation cache. Then B toy test images certified in one
 jit(vmap(core.certify)) call against a Python loop over standard.certify
 (`--config=experiments/configs/benchmark.py:batched` runs that section
-alone). Writes DIR/benchmark.json and prints a table.
+alone), and compressed Cached-OVC caches against float32 ones: bytes,
+ambiguous rows, time from memory and a cold disk
+(`--config=experiments/configs/benchmark.py:compressed` alone). Writes
+DIR/benchmark.json and prints a table.
 """
 
 # This module holds the flags and the order of the sections; each section is
@@ -38,6 +41,8 @@ from experiments.bench.batched import benchmark_batched
 from experiments.bench.batched import print_batched
 from experiments.bench.class_counts import SCALED_N
 from experiments.bench.class_counts import benchmark_class_count
+from experiments.bench.compressed import benchmark_compressed
+from experiments.bench.compressed import print_compressed
 from experiments.bench.encoder import compile_child
 from experiments.bench.encoder import compile_times
 from experiments.bench.encoder import encoder_throughput
@@ -92,6 +97,9 @@ def validate(config) -> None:
                              "(the toy test split's size)")
   if config.batched.alone:
     return
+  validate_compressed(config)
+  if config.compressed.alone:
+    return
   # --config.architectures=a,b arrives as one string: normalised here.
   config.architectures = common.check_name_list(config.architectures,
                                                 "architectures")
@@ -129,6 +137,34 @@ def validate(config) -> None:
         if large.architectures else tuple(config.architectures))
 
 
+def validate_compressed(config) -> None:
+  from ovc_jax import models  # pylint: disable=g-import-not-at-top
+  cfg = config.compressed
+  for field in ("toy_inputs", "toy_n", "repeats"):
+    value = cfg[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise common.ConfigError(f"--config.compressed.{field} must be an "
+                               f"integer >= 1; got {value!r}")
+  if cfg.toy_inputs > 1000:
+    raise common.ConfigError("--config.compressed.toy_inputs must be at most "
+                             "1000 (the toy test split's size)")
+  cfg.formats = common.check_name_list(cfg.formats, "compressed.formats",
+                                       ("int16", "int8"))
+  cfg.toy_sigmas = common.check_number_list(cfg.toy_sigmas,
+                                            "compressed.toy_sigmas",
+                                            minimum=0.0)
+  cfg.architectures = (common.check_name_list(cfg.architectures,
+                                              "compressed.architectures")
+                       if cfg.architectures else ())
+  for name in cfg.architectures:
+    if name != "toy":
+      try:
+        models.named_config(name)
+      except common.ConfigError as e:
+        raise common.ConfigError(f"{e}; set --config.compressed."
+                                 "architectures") from e
+
+
 def run(config, workdir: str) -> None:
   """Measures everything and writes WORKDIR/benchmark.json (workdir locked)."""
   report = {
@@ -155,12 +191,21 @@ def run(config, workdir: str) -> None:
     print_batched(report["batched"])
     sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')}\n")
     return
+  if config.compressed.alone:
+    report["large_n"] = int(config.large.n)
+    report["compressed"] = benchmark_compressed(config, workdir)
+    common.write_json(os.path.join(workdir, "benchmark.json"), report)
+    print_compressed(report["compressed"], sys.stdout)
+    sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')}\n")
+    return
   if config.large.enabled:
     report["large_notes"] = dict(LARGE_NOTES)
     report["large_n"] = int(config.large.n)
   steps = (len(config.architectures) * (len(config.class_counts) + 1)
            + (len(config.large.architectures) if config.large.enabled else 0)
-           + int(config.batched.enabled))
+           + int(config.batched.enabled)
+           + (1 + len(config.compressed.architectures)
+              if config.compressed.enabled else 0))
   progress = common.Progress(steps, "steps")
   for name in config.architectures:
     backbone = load_backbone(name, config.dtype, config.seed)
@@ -195,6 +240,9 @@ def run(config, workdir: str) -> None:
   if config.batched.enabled:
     report["batched"] = benchmark_batched(config)
     progress.update(note="batched section")
+    common.write_json(os.path.join(workdir, "benchmark.json"), report)
+  if config.compressed.enabled:
+    report["compressed"] = benchmark_compressed(config, workdir, progress)
     common.write_json(os.path.join(workdir, "benchmark.json"), report)
   report["targets"] = check_targets(report)
   common.write_json(os.path.join(workdir, "benchmark.json"), report)

@@ -288,3 +288,32 @@ def test_benchmark_writes_every_field(tmp_path):
   assert row["same_counts"] and row["same_predictions"]
   assert row["radius_within_tolerance"]
   assert "one jit(vmap(core.certify)) call" in proc.stdout
+  # The compressed-cache section: bytes, ambiguous rows, regeneration and
+  # the identity with standard RS on the toy CLIP's own rows; Cached-OVC's
+  # time from memory and a cold disk against float32; the storage table.
+  section = report["compressed"]
+  assert section["formats"] == ["int16", "int8"]
+  toy_row = section["toy_real"]["sigmas"]["0.25"]
+  assert toy_row["rows_per_input"] == 300
+  for fmt, ratio in (("int16", 0.6), ("int8", 0.3)):
+    assert 0 < toy_row[fmt]["ratio"] < ratio, fmt
+    assert toy_row[fmt]["identical_to_standard"], fmt
+    for classes in ("10", "1000"):
+      cell = toy_row[fmt]["classes"][classes]
+      assert 0 <= cell["ambiguous_share"] <= cell["ambiguous_share_max"] <= 1
+      assert cell["encoder_passes"] >= cell["encoder_rows"] >= 0
+  timing = section["timing"]["toy"]
+  assert timing["n"] == 5000 and timing["disk_gbps"] > 0
+  for classes in ("10", "1000"):
+    row = timing["classes"][classes]
+    for fmt in ("float32", "int16", "int8"):
+      for where in ("memory", "cold"):
+        assert 0 < row[fmt][where]["min_s"] <= row[fmt][where]["median_s"]
+    assert row["speedup_int8_cold"] > 0 and row["speedup_int16_memory"] > 0
+    assert row["conservative_radius_at_most_exact"]
+  storage = section["storage"]
+  assert storage["ViT-B/32"]["float32"] == 500 * 4 * 100_100 * 512 * 4
+  assert storage["total"]["int8"] < 0.26 * storage["total"]["float32"]
+  assert any("regenerate mode identical" in t["target"]
+             for t in report["targets"])
+  assert "Compressed caches" in proc.stdout

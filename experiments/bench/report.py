@@ -6,6 +6,7 @@ import sys
 
 from experiments import common
 from experiments.bench.batched import print_batched
+from experiments.bench.compressed import print_compressed
 
 
 def print_table(report: dict, stream=sys.stdout) -> None:
@@ -33,6 +34,8 @@ def print_table(report: dict, stream=sys.stdout) -> None:
     print_large(report, stream)
   if report.get("batched"):
     print_batched(report["batched"], stream)
+  if report.get("compressed"):
+    print_compressed(report["compressed"], stream)
   w("\ntargets:\n")
   for check in report["targets"]:
     w(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: "

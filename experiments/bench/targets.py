@@ -41,8 +41,42 @@ LARGE_TARGETS = (
 )
 
 
+def compressed_targets(section: dict) -> list[dict]:
+  """The compressed-cache section's targets: int8 bytes, the toy default's
+  ambiguous share at every sigma, the cold-disk speedup at C = 10, and
+  regenerate mode's identity with standard RS."""
+  checks = []
+  toy = section["toy_real"]["sigmas"]
+  if "int8" in section["formats"]:
+    for sigma, row in toy.items():
+      checks.append({"target": f"int8 cache bytes / float32 <= 0.27 (toy CLIP, "
+                               f"sigma {sigma})",
+                     "measured": row["int8"]["ratio"],
+                     "met": row["int8"]["ratio"] <= 0.27})
+      share = row["int8"]["classes"]["10"]["ambiguous_share"]
+      checks.append({"target": f"int8 ambiguous share <= 0.01 (toy default, "
+                               f"C = 10, sigma {sigma})",
+                     "measured": share, "met": share <= 0.01})
+    for arch, timing in section["timing"].items():
+      row = timing["classes"].get("10")
+      if row is not None:
+        got = row["speedup_int8_cold"]
+        checks.append({"target": f"Cached-OVC int8 / float32 speedup from a "
+                                 f"cold disk >= 2.5 ({arch}-shaped rows, C = "
+                                 f"10, n = {timing['n']:,})",
+                       "measured": got, "met": got >= 2.5})
+  identical = all(row[fmt]["identical_to_standard"] for row in toy.values()
+                  for fmt in section["formats"])
+  checks.append({"target": "regenerate mode identical to standard RS (toy "
+                           "CLIP, every input, sigma and format)",
+                 "measured": float(identical), "met": identical})
+  return checks
+
+
 def check_targets(report: dict) -> list[dict]:
   checks = []
+  if report.get("compressed"):
+    checks += compressed_targets(report["compressed"])
   for label, arch, classes, value, op, bound in LARGE_TARGETS:
     row = report.get("large", {}).get(arch, {}).get("classes", {}).get(
         str(classes))

@@ -14,7 +14,9 @@ each method's peak memory. full: Cohen's n = 100,000 on both sides. ci: the
 toy model only and a small `large` section, for the test. Every variant
 also certifies batched.inputs toy test images in one jit(vmap(core.certify))
 call against a Python loop over standard.certify (64 inputs at n = 1000; 8 at
-n = 100 in ci); batched: that section alone.
+n = 100 in ci); batched: that section alone. Every variant also measures
+compressed caches (int16, int8): bytes, ambiguous rows and Cached-OVC's time
+at large.n against float32; compressed: that section alone.
 """
 
 from ml_collections import config_dict
@@ -25,7 +27,8 @@ VARIANTS = """quick (the default: n reduced so that a 2-core CPU finishes, plus 
 n = 100,000 section for Cached-OVC and MVN-OVC) | full (Cohen's n = 100,000,
 five architectures; accelerators) | ci (toy model, small; the test's) |
 batched (only the batched section at quick size: 64 toy inputs, n = 1000, in
-one jit(vmap(...)) call against a loop over standard.certify)"""
+one jit(vmap(...)) call against a loop over standard.certify) | compressed
+(only the compressed-cache section at quick size)"""
 EXAMPLE_VARIANTS = "full"
 
 
@@ -83,6 +86,20 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
   c.batched.n = 1000
   c.batched.batch_sizes = (2, 100)
   c.batched.repeats = 3
+  # Compressed Cached-OVC caches (int16, int8) against float32: bytes and
+  # the share of ambiguous rows on the toy CLIP's own noisy embeddings at
+  # each of toy_sigmas, then Cached-OVC's time at n = large.n from memory
+  # and from a cold disk on rows of each architecture's shape (a Gaussian
+  # fit of its real noisy embeddings), and the paper's storage per format.
+  c.compressed = config_dict.ConfigDict()
+  c.compressed.enabled = True
+  c.compressed.alone = False        # only this section (the 'compressed' variant)
+  c.compressed.formats = ("int16", "int8")
+  c.compressed.toy_sigmas = (0.12, 0.25, 0.5)
+  c.compressed.toy_inputs = 4       # toy test images
+  c.compressed.toy_n = 10_000       # estimation rows per input and sigma (+ n0)
+  c.compressed.architectures = ("ViT-B-32", "RN50")
+  c.compressed.repeats = 3
   c.variant = arg or "quick"
   if c.variant == "full":
     c.architectures = ("toy", "ViT-B-32", "ViT-B-16", "RN50", "RN101")
@@ -108,10 +125,17 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.batched.n = 100
     c.batched.batch_sizes = (50,)
     c.batched.repeats = 1
+    c.compressed.toy_sigmas = (0.25,)
+    c.compressed.toy_inputs = 1
+    c.compressed.toy_n = 200          # the main section's shapes: no compile
+    c.compressed.architectures = ("toy",)
+    c.compressed.repeats = 1
   elif c.variant == "batched":
     c.batched.alone = True
+  elif c.variant == "compressed":
+    c.compressed.alone = True
   elif c.variant != "quick":
     # SystemExit, not ValueError: ml_collections would print a traceback.
     raise SystemExit(f"error: unknown benchmark variant {arg!r}: quick, full, "
-                     "ci or batched")
+                     "ci, batched or compressed")
   return c

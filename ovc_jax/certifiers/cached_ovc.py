@@ -39,6 +39,19 @@ How the cache is read (it is the whole cost: one pass over (n0 + n) d floats,
   * Arrays on an accelerator (or traced) are counted by a `lax.scan` on the
     device instead.
 
+Compressed caches (`cache_codec.CompressedRows`, int8 or int16 codes with a
+bound b_i on each row's decoding error): each chunk is decoded in the
+compiled program, and a row counts for its decoded class when that class is
+certain to be standard RS's, its top logit beating every other by more than
+b_i ||u_t - u_c|| plus a float32 rounding allowance (docs/METHOD.md,
+"Compressed caches", derives it). The other rows are ambiguous:
+`CachedParams.ambiguous` = "regenerate" recomputes them from their keys with
+the encoder (`encoder_regenerator`), so the certificate is standard RS's bit
+for bit; "conservative" counts an ambiguous estimation row as a miss and an
+ambiguous selection row by its decoded class (sound, no encoder). The codes
+are read like float32 rows: in place or copied, chunk by chunk, memory-mapped
+files read ahead.
+
 Bits: XLA on CPU gives a row of E U^T the same bits in every chunk of at least
 `MIN_CHUNK_ROWS` rows, wherever the row sits in it; a chunk of fewer rows
 (one row, say) can take another kernel with other rounding. So chunks here
@@ -384,21 +397,21 @@ Regenerate = Callable[[str, np.ndarray], Any]
 
 class RoundingAllowance(NamedTuple):
   """The float32 constants of the certainty test for embedding size d
-  (see `rounding_allowance`).
+  (see `rounding_allowance`; docs/METHOD.md derives them).
 
   Attributes:
-    gamma: gamma_{d+1} = (d+1)u / (1 - (d+1)u), rounded up.
-    norm_scale: the float32 norm of ê times this, plus norm_floor, is at
-      least ||ê||.
-    norm_floor: covers underflow in the sum of squares.
+    gamma: gamma_{d+4} = (d+4)u / (1 - (d+4)u), rounded up: the test allows
+      gamma (2a + b)(||u_t|| + ||u_c||) for the rounding of both rows' logits
+      and of their difference.
+    norm_scale: s_i fl(sqrt(sum q_ik^2)) times this, plus the mean's norm,
+      is at least ||mean + s_i q_i|| (a), after the float32 roundings.
     need_scale: the test's right-hand side, computed in float32, times this
       is at least its exact value (it has 6 roundings).
-    need_floor: covers underflow in that right-hand side.
+    need_floor: covers underflow in that right-hand side and in the logits.
   """
 
   gamma: float
   norm_scale: float
-  norm_floor: float
   need_scale: float
   need_floor: float
 
@@ -410,9 +423,8 @@ def rounding_allowance(d: int) -> RoundingAllowance:
   up = lambda v: float(cache_codec.round_up_to_float32(
       np.float64(v) * (1 + 1e-12)))
   return RoundingAllowance(
-      gamma=up((d + 1) * u / (1 - (d + 1) * u)),
-      norm_scale=up(1 / ((1 - u)**3 * math.sqrt(1 - gamma_d))),
-      norm_floor=up(math.sqrt(d * 2.0**-140 / (1 - gamma_d)) / (1 - u)),
+      gamma=up((d + 4) * u / (1 - (d + 4) * u)),
+      norm_scale=up(1 / ((1 - u)**4 * math.sqrt(1 - gamma_d))),
       need_scale=1 + 8 * u,
       need_floor=2.0**-100)
 
@@ -428,7 +440,7 @@ def class_geometry(class_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
   """
   u = np.asarray(class_embeddings, np.float32).astype(np.float64)
   d = u.shape[-1]
-  gram = np.einsum("pcd,ped->pce", u, u)
+  gram = u @ np.swapaxes(u, -1, -2)
   sq = np.einsum("pcc->pc", gram)
   both = sq[:, :, None] + sq[:, None, :]
   gamma = (d + 3) * 2.0**-53 / (1 - (d + 3) * 2.0**-53)
@@ -437,14 +449,33 @@ def class_geometry(class_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
   return safe(distances), safe(np.sqrt(sq))
 
 
-def _certain(rows, logits, top, scale, bound, distances, norms, allowance):
+def decoded_logits(codes, scale, mean, class_embeddings):
+  """The decoded rows' logits, float32 `[k, P, C]` (or `[k, C]`):
+  `scale_i fl(q_i . u_c) + fl(mean . u_c)`, the logits of the exact
+  decoding mean + scale_i q_i up to the rounding the allowance covers. The
+  int8/int16 codes are exact in float32; a NaN step (a row that was not
+  finite) gives NaN logits, so no class."""
+  # The barrier keeps the step out of the matrix product (whose error bound
+  # is stated for the integer codes).
+  products = jax.lax.optimization_barrier(
+      prompt_logits(codes.astype(jnp.float32), class_embeddings))
+  offsets = prompt_logits(mean[None], class_embeddings)[0]
+  scale = scale.reshape(scale.shape + (1,) * (products.ndim - 1))
+  return scale * products + offsets
+
+
+def _certain(codes, logits, top, scale, bound, mean_norm, distances, norms,
+             allowance):
   """Whether each row's decoded class is standard RS's class: bool [k, P]."""
-  gamma, norm_scale, norm_floor, need_scale, need_floor = allowance
-  size = jnp.sqrt(jnp.sum(rows * rows, axis=-1)) * norm_scale + norm_floor
+  gamma, norm_scale, need_scale, need_floor = allowance
+  codes = codes.astype(jnp.float32)
+  size = scale * jnp.sqrt(jnp.sum(codes * codes, axis=-1)) * norm_scale
+  size = size + mean_norm                                      # a >= ||ẽ||
   num_prompts, num_classes = norms.shape
   t = jnp.maximum(top, 0)                                      # [k, P]
   prompt = jnp.arange(num_prompts)[None, :]
-  margin = jnp.take_along_axis(logits, t[..., None], axis=-1) - logits
+  # The top logit (argmax of finite logits: the max).
+  margin = jnp.max(logits, axis=-1, keepdims=True) - logits
   b = bound[:, None, None]
   a = size[:, None, None]
   pair = norms[prompt, t][..., None] + norms[None]             # [k, P, C]
@@ -458,23 +489,15 @@ def _certain(rows, logits, top, scale, bound, distances, norms, allowance):
   return jnp.where(jnp.isnan(scale)[:, None], True, decided)
 
 
-def decode_in_graph(codes, scale, mean):
-  """mean + scale_i * codes_i in float32 (what `cache_codec.decode_rows`
-  gives, up to the fused rounding the bound allows for)."""
-  return mean + scale[:, None] * codes.astype(jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def _count_bounded_chunk(certain_counts, decoded_counts, codes, scale, bound,
-                         mean, class_embeddings, distances, norms, allowance,
-                         num_valid, *, num_classes):
+                         mean, mean_norm, class_embeddings, distances, norms,
+                         allowance, num_valid, *, num_classes):
   """Adds a chunk's certain and decoded histograms; its ambiguous rows."""
-  # The barrier pins ê: the logits and its norm read the same numbers.
-  rows = jax.lax.optimization_barrier(decode_in_graph(codes, scale, mean))
-  logits = prompt_logits(rows, class_embeddings)               # [k, P, C]
-  top = argmax_or_no_class(logits)                             # [k, P]
-  certain = _certain(rows, logits, top, scale, bound, distances, norms,
-                     allowance)
+  logits = decoded_logits(codes, scale, mean, class_embeddings)  # [k, P, C]
+  top = argmax_or_no_class(logits)                               # [k, P]
+  certain = _certain(codes, logits, top, scale, bound, mean_norm, distances,
+                     norms, allowance)
   valid = jnp.arange(codes.shape[0]) < num_valid
   certain_counts = certain_counts + sampler.count_classes(
       jnp.where(certain, top, NO_CLASS), valid, num_classes)
@@ -531,6 +554,9 @@ def check_compressed(rows: Any) -> CompressedRows:
       raise InputError(f"compressed {name} must be float {list(want)} for "
                        f"codes {list(codes.shape)}; got {arr.dtype} "
                        f"{list(arr.shape)}")
+  if not np.all(np.isfinite(mean)):
+    raise InputError("compressed rows have a mean that is not finite; the "
+                     "cache is corrupted")
   bound = bound.astype(np.float32)
   if np.isnan(bound).any() or (bound < 0).any():
     raise InputError("compressed rows have a NaN or negative error bound; "
@@ -551,6 +577,9 @@ def _count_bounded(rows: CompressedRows, class_embeddings: jax.Array,
   num_prompts, num_classes = (int(s) for s in class_embeddings.shape[:2])
   distances, norms = class_geometry(class_embeddings)
   allowance = tuple(np.float32(v) for v in rounding_allowance(d))
+  # ||mean||, rounded up past the one rounding of adding it in the graph.
+  mean_norm = cache_codec.round_up_to_float32(np.float64(np.linalg.norm(
+      rows.mean.astype(np.float64))) * (1 + 1e-9) / (1 - FLOAT32_UNIT))
   limit = READ_BYTES if _in_place(codes) else COPY_BYTES
   read_rows = max(limit // max(codes[:1].nbytes, 1), 1)
   batch_size = read_rows if batch_size is None else min(batch_size, read_rows)
@@ -559,8 +588,8 @@ def _count_bounded(rows: CompressedRows, class_embeddings: jax.Array,
   masks = []
   staging = None if _in_place(codes) else _Staging((chunk, d), codes.dtype)
   ahead = _ReadAhead(codes, chunk)
-  fixed = (rows.mean, jnp.asarray(class_embeddings, jnp.float32), distances,
-           norms, allowance)
+  fixed = (rows.mean, mean_norm, jnp.asarray(class_embeddings, jnp.float32),
+           distances, norms, allowance)
   try:
     for i, start in enumerate(range(0, m, chunk)):
       ahead.wait(i)
@@ -626,8 +655,10 @@ def _predict_host(embeddings: np.ndarray,
   at least MIN_CHUNK_ROWS rows (so each row's logits have standard RS's
   bits; see the module docstring)."""
   k = embeddings.shape[0]
-  chunk = max(chunk_rows(k, math.prod(class_embeddings.shape[:-1])),
-              MIN_CHUNK_ROWS)
+  # A power of two (one compiled program per bucket, not per k).
+  chunk = min(max(MIN_CHUNK_ROWS, 1 << (k - 1).bit_length()),
+              chunk_rows(REGENERATE_ROWS,
+                         math.prod(class_embeddings.shape[:-1])))
   out = []
   for start in range(0, k, chunk):
     block = embeddings[start:start + chunk]
