@@ -16,7 +16,7 @@ from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers import sequential as sq
 from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.classifiers import EmbeddingClassifier
-from ovc_jax.errors import ConfigError
+from ovc_jax.errors import ConfigError, OVCError
 
 D, E, C = 8, 6, 5
 
@@ -214,3 +214,16 @@ def test_a_compressed_cache_grows_and_certifies_as_scratch():
       if sure.result.draws == scratch.draws:
         assert sure.result.certificate.radius <= scratch.certificate.radius
   assert grew and ambiguous, (grew, ambiguous)
+
+
+def test_rows_encoded_against_a_given_mean():
+  rng = np.random.default_rng(3)
+  rows = rng.normal(size=(40, E)).astype(np.float32)
+  mean = rng.normal(size=E).astype(np.float32)
+  packed = cache_codec.encode_rows(rows, "int8", mean=mean)
+  np.testing.assert_array_equal(packed.mean, mean)
+  caches.check_within_bounds(rows, packed, "rows")
+  for bad in (mean[:-1], mean.astype(np.float64),
+              np.full(E, np.nan, np.float32)):
+    with pytest.raises(OVCError, match="mean to encode against"):
+      cache_codec.encode_rows(rows, "int8", mean=bad)
