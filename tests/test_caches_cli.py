@@ -340,3 +340,21 @@ def test_resuming_with_another_cache_format(float32_copy, warm_python):
       "int8", "conservative")
   config.cached_ambiguous = "regenerate"
   assert "cache_format" not in certify_job.result_config(config)
+
+
+def test_single_mode_reads_and_verifies_another_runs_int8_caches(int8_run,
+                                                                  tmp_path):
+  """Cached-OVC in single mode from the int8 run's caches (regenerating
+  --config.verify_cache_samples of their samples first) gives that run's
+  rows for the same prompt."""
+  source = int8_run[0]
+  workdir = str(tmp_path / "single")
+  run("experiments.certify",
+      "--config=experiments/configs/certify.py:cached", f"--workdir={workdir}",
+      *TINY, f"--config.cache_dir={source}/caches",
+      "--config.verify_cache_samples=6")
+  got = tsv_rows_without_time(workdir)
+  want = tsv_rows_without_time(source)
+  (name, rows), = got.items()
+  assert rows == want[os.path.join("tsv", "cached", "sigma_0.25",
+                                   "novel00-a-photo-of-a-x.tsv")], name
