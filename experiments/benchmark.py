@@ -194,8 +194,13 @@ def run(config, workdir: str) -> None:
   if config.compressed.alone:
     report["large_n"] = int(config.large.n)
     report["compressed"] = benchmark_compressed(config, workdir)
+    report["targets"] = check_targets(report)
     common.write_json(os.path.join(workdir, "benchmark.json"), report)
     print_compressed(report["compressed"], sys.stdout)
+    sys.stdout.write("\ntargets:\n")
+    for check in report["targets"]:
+      sys.stdout.write(f"  [{'met' if check['met'] else 'MISSED'}] "
+                       f"{check['target']}: measured {check['measured']:.4g}\n")
     sys.stdout.write(f"\nwrote {os.path.join(workdir, 'benchmark.json')}\n")
     return
   if config.large.enabled:

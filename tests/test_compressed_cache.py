@@ -380,6 +380,10 @@ def test_bad_inputs_get_one_clear_error():
     cached_ovc.certify_cached(
         cache, prompts[0], s,
         regenerate=lambda stream, i: np.zeros((len(i), 64)))
+  with pytest.raises(ConfigError, match="count_predictions takes float32"):
+    cached_ovc.count_predictions(cache.estimation, prompts[0])
+  with pytest.raises(ConfigError, match="stream must be"):
+    cached_ovc.count_stream(cache.estimation, prompts[0], stream="both")
   with pytest.raises(ConfigError, match="holds 150 estimation"):
     cached_ovc.certify_cached(cache, prompts[0], s.replace(n=151),
                               CONSERVATIVE)

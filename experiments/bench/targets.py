@@ -58,6 +58,11 @@ def compressed_targets(section: dict) -> list[dict]:
                                f"C = 10, sigma {sigma})",
                      "measured": share, "met": share <= 0.01})
     for arch, timing in section["timing"].items():
+      checks.append({"target": f"int8 cache bytes / float32 <= 0.27 "
+                               f"({arch}-shaped rows, d = "
+                               f"{timing['embed_dim']})",
+                     "measured": timing["ratio"]["int8"],
+                     "met": timing["ratio"]["int8"] <= 0.27})
       row = timing["classes"].get("10")
       if row is not None:
         got = row["speedup_int8_cold"]

@@ -40,8 +40,9 @@ How the cache is read (it is the whole cost: one pass over (n0 + n) d floats,
     device instead.
 
 Compressed caches (`cache_codec.CompressedRows`, int8 or int16 codes with a
-bound b_i on each row's decoding error): each chunk is decoded in the
-compiled program, and a row counts for its decoded class when that class is
+bound b_i on each row's decoding error): each chunk's logits are computed
+in the compiled program from its integer codes (`decoded_logits`), and a row
+counts for its decoded class when that class is
 certain to be standard RS's, its top logit beating every other by more than
 b_i ||u_t - u_c|| plus a float32 rounding allowance (docs/METHOD.md,
 "Compressed caches", derives it). The other rows are ambiguous:
@@ -912,6 +913,10 @@ def count_predictions(embeddings: Any, class_embeddings: jax.Array, *,
   in standard RS.
   """
   _check_batch_size(batch_size)
+  if isinstance(embeddings, CompressedRows):
+    raise ConfigError("count_predictions takes float32 rows; count "
+                      "compressed rows with count_stream or "
+                      "count_predictions_bounded")
   class_embeddings = _checked_class_embeddings(embeddings, class_embeddings)
   return _count(embeddings, class_embeddings, batch_size)
 
