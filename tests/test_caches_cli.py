@@ -358,3 +358,17 @@ def test_single_mode_reads_and_verifies_another_runs_int8_caches(int8_run,
   (name, rows), = got.items()
   assert rows == want[os.path.join("tsv", "cached", "sigma_0.25",
                                    "novel00-a-photo-of-a-x.tsv")], name
+
+
+def test_calibration_reads_int8_caches_exactly(int8_run, float32_copy,
+                                               warm_python):
+  """calibrate_mvn's exact certificates from int8 caches (ambiguous samples
+  regenerated) are the float32 caches' ones: the same report."""
+  reports = []
+  for workdir in (int8_run[0], float32_copy):
+    proc = warm_python.run("experiments.calibrate_mvn",
+                           f"--certify_workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr
+    reports.append([l for l in proc.stdout.splitlines()
+                    if "delta" in l or "overshoot" in l])
+  assert reports[0] and reports[0] == reports[1]
