@@ -9,7 +9,7 @@ prompts`, `cached_ovc.certify_cached`, `mvn_ovc.certify_mvn`) draw their
 counts with these same functions and finish with scipy's bounds instead.
 
   certification_counts(key, apply_fn, params, x, smoothing)  CERTIFY's counts
-  cached_counts(cache, class_embeddings, cached)             Cached-OVC's
+  cached_counts(cache, class_embeddings, cached)             Cached-OVC's (float32 caches)
   mvn_counts(key, fit, class_embeddings, smoothing, mvn)     MVN-OVC's
   certificate(counts, smoothing, margin=0.0)                 counts -> certificate
 
