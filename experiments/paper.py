@@ -51,6 +51,7 @@ from experiments.common import mvn_calibration
 from experiments.common import sequential_job
 from experiments.configs import certify as certify_configs
 from experiments.configs import paper as paper_configs
+from ovc_jax import ovc
 from ovc_jax import results
 from ovc_jax.certifiers import modified_irs, mvn_ovc
 from ovc_jax.classifiers import predict_from_embeddings
@@ -214,7 +215,13 @@ def irs_table(runs, out: str) -> list[dict]:
 
 def _known_and_embeddings(setup, sigma, idx):
   source = certify_job.stored_caches(setup, sigma, idx)
-  return source.load_known(), source.load_embeddings()
+  embeddings = source.load_embeddings()
+  if ovc.is_compressed(embeddings):
+    raise ConfigError(
+        f"the caches in {source.directory} are compressed; the agreement "
+        "analysis reads exact (float32) embeddings: certify again into "
+        "another --workdir")
+  return source.load_known(), embeddings
 
 
 def agreement(setup, backbone: str, out: str) -> dict:

@@ -98,8 +98,13 @@ def round_up_to_float32(values: np.ndarray) -> np.ndarray:
   return np.where(below, np.nextafter(f32, np.float32(np.inf)), f32)
 
 
-def encode_rows(rows: Any, fmt: str) -> CompressedRows:
-  """Quantises float32 rows [m, d] to `fmt` ("int16" or "int8")."""
+def encode_rows(rows: Any, fmt: str, *,
+                mean: Any = None) -> CompressedRows:
+  """Quantises float32 rows [m, d] to `fmt` ("int16" or "int8").
+
+  `mean` [d] float32: the residuals' reference (default: the mean of the
+  finite rows); rows appended to a cache are encoded against its mean.
+  """
   if fmt not in CODE_DTYPES:
     raise InputError(f"cannot compress to {fmt!r}; choose int16 or int8")
   rows = np.asarray(rows)
@@ -111,8 +116,15 @@ def encode_rows(rows: Any, fmt: str) -> CompressedRows:
                      f"{rows.dtype}")
   m, d = rows.shape
   finite = np.all(np.isfinite(rows), axis=1)
-  mean = (rows[finite].astype(np.float64).mean(axis=0) if finite.any()
-          else np.zeros(d)).astype(np.float32)
+  if mean is None:
+    mean = (rows[finite].astype(np.float64).mean(axis=0) if finite.any()
+            else np.zeros(d)).astype(np.float32)
+  else:
+    mean = np.asarray(mean)
+    if (mean.shape != (d,) or mean.dtype != np.float32
+        or not np.all(np.isfinite(mean))):
+      raise InputError(f"the mean to encode against must be finite float32 "
+                       f"[{d}]; got {mean.dtype} {list(mean.shape)}")
   qmax = QMAX[fmt]
   scale = np.empty(m, np.float32)
   codes = np.empty((m, d), CODE_DTYPES[fmt])

@@ -24,6 +24,15 @@ i is a pure function of the key, so `verify_embedding_samples` regenerates a
 few randomly chosen samples and compares their embeddings with the cached ones
 (`StoredCaches(..., verify=NovelInput(...))` does so on every load).
 
+Embedding caches may be stored compressed (`save_caches(...,
+cache_format="int8")`, `cache_codec`): every row quantised, with a bound on
+its error. Cached-OVC then counts the samples whose class the bound leaves
+certain and treats the others as `OVCParams.cached_ambiguous` says:
+"regenerate" recomputes them with the encoder from their keys (the
+certificate is standard RS's, bit for bit), "conservative" counts an
+ambiguous estimation sample as a miss (sound, possibly a smaller radius; no
+encoder needed). A float32 cache has no ambiguous samples.
+
 Example:
   classifier = EmbeddingClassifier(loaded.model.embed_images)
   params = OVCParams(SmoothingParams(sigma=0.25, n=10_000), IRSParams(n_p=1000))
@@ -42,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovc_jax import cache_codec
 from ovc_jax import caches as cache_io
 from ovc_jax import certificates
 from ovc_jax import sampler
@@ -51,6 +61,7 @@ from ovc_jax.certifiers import modified_irs
 from ovc_jax.certifiers import mvn_ovc
 from ovc_jax.certifiers import sequential
 from ovc_jax.certifiers import standard
+from ovc_jax.cache_codec import CompressedRows
 from ovc_jax.certifiers.cached_ovc import CachedParams, EmbeddingDraws
 from ovc_jax.certifiers.modified_irs import IRSParams, IRSResult, KnownPrompts
 from ovc_jax.certifiers.mvn_ovc import GaussianFit, MVNParams
@@ -69,6 +80,9 @@ DEFAULT_CACHED_BATCH_SIZE = 10_000
 # 1.5e-2 in every one of 1000 samples.
 EMBEDDING_CHECK_ATOL = {"float32": 1e-4, "bfloat16": 1e-2}
 DEFAULT_VERIFY_SAMPLES = 4
+# How Cached-OVC treats a sample of a compressed cache whose class the
+# decoded row leaves in doubt (cached_ovc.CachedParams.ambiguous).
+AMBIGUOUS_MODES = cached_ovc.AMBIGUOUS_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +94,18 @@ class OVCParams:
     irs: Modified-IRS's n_p, gamma and alpha_zeta.
     mvn: MVN-OVC's margin and latent batch size.
     cached_batch_size: cached embeddings counted at once by Cached-OVC.
+    cached_ambiguous: how Cached-OVC treats the ambiguous samples of a
+      compressed cache: "regenerate" (recompute them with the encoder: the
+      certificate is standard RS's) or "conservative" (count an ambiguous
+      estimation sample as a miss: sound, no encoder). No effect on a
+      float32 cache.
   """
 
   smoothing: SmoothingParams
   irs: IRSParams
   mvn: MVNParams = MVNParams()
   cached_batch_size: int = DEFAULT_CACHED_BATCH_SIZE
+  cached_ambiguous: str = "regenerate"
 
   def __post_init__(self):
     self.irs.check(self.smoothing)
@@ -93,6 +113,14 @@ class OVCParams:
         or self.cached_batch_size < 1):
       raise ConfigError("cached_batch_size must be an integer >= 1; got "
                         f"{self.cached_batch_size}")
+    if self.cached_ambiguous not in AMBIGUOUS_MODES:
+      raise ConfigError(f"cached_ambiguous must be one of {AMBIGUOUS_MODES}; "
+                        f"got {self.cached_ambiguous!r}")
+
+  def cached(self) -> CachedParams:
+    """Cached-OVC's own parameters."""
+    return CachedParams(self.cached_batch_size,
+                        ambiguous=self.cached_ambiguous)
 
 
 class OVCCaches(NamedTuple):
@@ -133,12 +161,16 @@ CACHE_KINDS = ("embeddings", "gaussian", "known")
 
 def save_caches(directory: str, ovc_caches: OVCCaches,
                 provenance: cache_io.Provenance, *, alpha: float,
-                templates: list[str] | None = None) -> dict[str, int]:
-  """Writes the three caches under `directory`/<kind>; returns their bytes."""
+                templates: list[str] | None = None,
+                cache_format: str = "float32") -> dict[str, int]:
+  """Writes the three caches under `directory`/<kind>; returns the bytes of
+  their arrays. The embeddings are stored in `cache_format` (one of
+  `cache_codec.FORMATS`), the other two as they are."""
+  cache_codec.check_format(cache_format)
   return {
       "embeddings": cache_io.save_embeddings(
           os.path.join(directory, "embeddings"), ovc_caches.embedding_draws,
-          provenance),
+          provenance, cache_format),
       "gaussian": cache_io.save_gaussian(
           os.path.join(directory, "gaussian"), ovc_caches.gaussian_fit,
           provenance),
@@ -180,6 +212,42 @@ def _compute_dtype(classifier: Any) -> str:
   return "float32"
 
 
+_NOT_THIS_CACHE = (
+    "so the cache was not made from this input, key, sigma and model, "
+    "whatever its metadata says; delete it and certify again to rebuild it")
+
+
+def _check_decoded_sample(rows: CompressedRows, i: int,
+                          regenerated: np.ndarray, atol: float,
+                          what: str) -> None:
+  """A compressed row i against the model's embedding of its noise draw.
+
+  The exact row e_i lies within atol of the regenerated one in every entry
+  (the recomputation's own rounding), hence within atol sqrt(d) in L2, and
+  the decoded row within b_i of e_i; so ||decoded - regenerated||_2 <=
+  b_i + atol sqrt(d) holds for the true cache. A row stored as non-finite
+  (NaN step) must be non-finite in the model's too.
+  """
+  decoded = cache_codec.decode_rows(rows, i, i + 1)[0].astype(np.float64)
+  scale = float(rows.scale[i])
+  exact_finite = bool(np.all(np.isfinite(regenerated)))
+  if np.isnan(scale) or not exact_finite:
+    if np.isnan(scale) and not exact_finite:
+      return
+    raise CacheError(
+        f"{what} is {'not ' if np.isnan(scale) else ''}finite where the one "
+        f"the model gives for that noise draw is "
+        f"{'' if exact_finite else 'not '}finite, {_NOT_THIS_CACHE}")
+  bound = float(rows.bound[i])
+  allowed = bound + atol * np.sqrt(decoded.shape[0])
+  distance = float(np.linalg.norm(decoded - regenerated.astype(np.float64)))
+  if not distance <= allowed:
+    raise CacheError(
+        f"{what} decodes {distance:.3g} (L2) away from the one the model "
+        f"gives for that noise draw, beyond its bound {bound:.3g} plus the "
+        f"tolerance ({allowed:.3g} in all), {_NOT_THIS_CACHE}")
+
+
 def verify_embedding_samples(classifier: EmbeddingClassifier,
                              encoder_params: Any, x: jax.Array, key: jax.Array,
                              draws: EmbeddingDraws, smoothing: SmoothingParams,
@@ -195,7 +263,9 @@ def verify_embedding_samples(classifier: EmbeddingClassifier,
   num_samples=1)` on the "selection" or "estimation" stream) and embedded.
   This draws `num_checks` randomly chosen samples again (half from each
   stream, the odd one from the estimation draws) and compares their
-  embeddings with the cached ones. It catches what no checksum can: a cache
+  embeddings with the cached ones (a compressed row: its decoded row must lie
+  within its bound b_i of the model's, plus atol sqrt(d) in L2). It catches
+  what no checksum can: a cache
   whose metadata claims another sigma, input, key or model than its arrays
   were made with (rewritten consistently, or by a buggy caller).
 
@@ -227,9 +297,9 @@ def verify_embedding_samples(classifier: EmbeddingClassifier,
   cached = {"selection": draws.selection, "estimation": draws.estimation}
   want = {"selection": smoothing.n0, "estimation": smoothing.n}
   for stream, arr in cached.items():
-    if np.ndim(arr) != 2 or np.shape(arr)[0] != want[stream]:
+    if len(np.shape(arr)) != 2 or np.shape(arr)[0] != want[stream]:
       raise CacheError(f"{name} holds {stream} embeddings of shape "
-                       f"{np.shape(arr)}; {want[stream]} draws expected")
+                       f"{tuple(np.shape(arr))}; {want[stream]} draws expected")
   d = int(np.shape(draws.estimation)[1])
   model_d = classifier.embedding_size(encoder_params, x.shape)
   if model_d != d:
@@ -248,7 +318,13 @@ def verify_embedding_samples(classifier: EmbeddingClassifier,
         classifier, params, x, sampler.stream_key(key, stream),
         num_samples=1, sigma=smoothing.sigma, batch_size=1,
         outputs=("embeddings",), first_index=i)["embeddings"][0], np.float32)
-    stored = np.asarray(cached[stream][i], np.float32)
+    rows = cached[stream]
+    if isinstance(rows, CompressedRows):
+      _check_decoded_sample(rows, i, regenerated, atol,
+                            f"{name}: the cached embedding of {stream} "
+                            f"sample {i}")
+      continue
+    stored = np.asarray(rows[i], np.float32)
     both_nan = np.isnan(stored) & np.isnan(regenerated)
     with np.errstate(invalid="ignore"):
       diff = np.where(both_nan, 0.0, np.abs(stored - regenerated))
@@ -257,9 +333,7 @@ def verify_embedding_samples(classifier: EmbeddingClassifier,
       raise CacheError(
           f"{name}: the cached embedding of {stream} sample {i} differs from "
           f"the one the model gives for that noise draw by {worst:.3g} (max "
-          f"abs; tolerance {atol:g}), so the cache was not made from this "
-          "input, key, sigma and model, whatever its metadata says; delete it "
-          "and certify again to rebuild it")
+          f"abs; tolerance {atol:g}), {_NOT_THIS_CACHE}")
   return picks
 
 
@@ -401,12 +475,30 @@ def _irs(inp: NovelInput, source: CacheSource, class_embeddings,
                      result)
 
 
+def is_compressed(draws: EmbeddingDraws) -> bool:
+  """Whether a cache holds compressed rows (int16 or int8)."""
+  return any(isinstance(rows, CompressedRows) for rows in draws)
+
+
+def regenerator(inp: NovelInput, class_embeddings, smoothing: SmoothingParams
+                ) -> cached_ovc.Regenerate:
+  """What recomputes a cache's ambiguous samples with the input's encoder."""
+  return cached_ovc.encoder_regenerator(
+      inp.classifier, inp.classifier.params(inp.encoder_params,
+                                            class_embeddings),
+      inp.x, inp.key, smoothing)
+
+
 def _cached(inp: NovelInput, source: CacheSource, class_embeddings,
             params: OVCParams) -> NovelResult:
-  del inp  # no encoder pass: that is the point
-  cert = cached_ovc.certify_cached(
-      source.load_embeddings(), class_embeddings, params.smoothing,
-      CachedParams(params.cached_batch_size))
+  # No encoder pass (that is the point), except for the few samples of a
+  # compressed cache that its bounds leave ambiguous, in "regenerate" mode.
+  draws = source.load_embeddings()
+  regenerate = (regenerator(inp, class_embeddings, params.smoothing)
+                if is_compressed(draws)
+                and params.cached_ambiguous == "regenerate" else None)
+  cert = cached_ovc.certify_cached(draws, class_embeddings, params.smoothing,
+                                   params.cached(), regenerate=regenerate)
   return NovelResult(cert, "cached", False, 1.0 - params.smoothing.alpha)
 
 
@@ -562,7 +654,10 @@ def certify_novel_prompt_sequential(
                       f"{class_embeddings.shape}")
   smoothing = params.smoothing
   if method == "mvn":
-    fit = mvn_ovc.fit_gaussian(embedding_draws.estimation)
+    rows = embedding_draws.estimation
+    if isinstance(rows, CompressedRows):  # an estimate anyway: decoded rows
+      rows = cache_codec.decode_rows(rows)
+    fit = mvn_ovc.fit_gaussian(rows)
     mvn_smoothing = dataclasses.replace(smoothing, n=seq_params.n_max)
     cert = mvn_ovc.certify_mvn(key, fit, class_embeddings, mvn_smoothing,
                                params.mvn)
@@ -574,15 +669,18 @@ def certify_novel_prompt_sequential(
     return SequentialNovelResult(result, "mvn", True, embedding_draws, 0)
   model_params = classifier.params(encoder_params, class_embeddings)
   size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
+  regenerate = sequential.stream_regenerator(classifier, model_params, x, key,
+                                             smoothing, seq_params, mesh)
   passes = 0
   while True:  # sequential.certify_sequential_extending, counting the passes
     result = sequential.certify_sequential_cached(
         embedding_draws, class_embeddings, smoothing, seq_params,
-        batch_size=params.cached_batch_size)
+        batch_size=params.cached_batch_size,
+        ambiguous=params.cached_ambiguous, regenerate=regenerate)
     if not isinstance(result, sequential.OutOfDraws):
       return SequentialNovelResult(result, "cached", False, embedding_draws,
                                    passes)
-    have = int(np.shape(embedding_draws.estimation)[0])
+    have = sequential.num_rows(embedding_draws.estimation)
     embedding_draws = sequential.extend_embeddings(
         classifier, model_params, x, key, embedding_draws,
         result.draws_needed, smoothing, mesh=mesh)
@@ -619,16 +717,18 @@ def replay_sequential(embedding_draws: EmbeddingDraws,
   equals the live run's, and the encoder passes are those the live run counts
   (the shared pass to the last known prompt's stop, then each extension to
   the next checkpoint a novel prompt's rule asks for). Many stopping rules can
-  thus be compared on one fixed-n run's caches.
+  thus be compared on one fixed-n run's caches. A compressed cache is
+  counted conservatively only (`params.cached_ambiguous`; there is no
+  encoder here to regenerate with).
   """
   smoothing = params.smoothing
-  have = int(np.shape(embedding_draws.estimation)[0])
+  have = sequential.num_rows(embedding_draws.estimation)
   if have < seq_params.n_max:
     raise ConfigError(f"replaying needs a cache of at least n_max = "
                       f"{seq_params.n_max} estimation draws; it holds {have}")
   known = sequential.certify_sequential_cached_many(
       embedding_draws, known_class_embeddings, smoothing, seq_params,
-      batch_size=params.cached_batch_size)
+      batch_size=params.cached_batch_size, ambiguous=params.cached_ambiguous)
   cached = max(r.draws for r in known)  # what the live pass keeps
   passes = smoothing.n0 + _evaluated_rows(cached, smoothing, mesh)
   size = sequential._aligned_chunk(smoothing.batch_size, mesh)  # pylint: disable=protected-access
@@ -636,7 +736,8 @@ def replay_sequential(embedding_draws: EmbeddingDraws,
   for u in novel_class_embeddings:
     result = sequential.certify_sequential_cached(
         embedding_draws, u, smoothing, seq_params,
-        batch_size=params.cached_batch_size)
+        batch_size=params.cached_batch_size,
+        ambiguous=params.cached_ambiguous)
     for n_j in seq_params.checkpoints():  # the live loop's extensions
       if cached < n_j <= result.draws:
         passes += _evaluated_rows(n_j, smoothing, mesh) - cached // size * size

@@ -2,17 +2,21 @@
 prompt certified from them (growing them when its rule needs more) gets what
 the sequential certifier gives it from scratch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ovc_jax import cache_codec
+from ovc_jax import caches
 from ovc_jax import ovc
 from ovc_jax.certificates import SmoothingParams
 from ovc_jax.certifiers import sequential as sq
 from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.classifiers import EmbeddingClassifier
-from ovc_jax.errors import ConfigError
+from ovc_jax.errors import ConfigError, OVCError
 
 D, E, C = 8, 6, 5
 
@@ -145,3 +149,81 @@ def test_replay_needs_a_cache_of_n_max_draws():
       ovc.OVCParams(SMOOTHING.replace(n=800), IRSParams(n_p=100))).caches
   with pytest.raises(ConfigError, match="at least n_max = 1600"):
     ovc.replay_sequential(full.embedding_draws, prompts, [], PARAMS, SEQ)
+
+
+def _compressed(draws, fmt):
+  return sq.EmbeddingDraws(*(cache_codec.encode_rows(np.asarray(r), fmt)
+                             for r in draws))
+
+
+def _near_tie(u, eps):
+  u = np.array(u)
+  u[1] = u[0] + eps * np.random.default_rng(9).normal(size=u.shape[1])
+  return jnp.asarray(u, jnp.float32)
+
+
+def test_a_compressed_cache_grows_and_certifies_as_scratch():
+  """Known pass's draws compressed to int8; novel prompts (near ties among
+  them, so that samples are ambiguous) certified from them in regenerate
+  mode equal the sequential certifier from scratch, growth included; the
+  grown cache keeps its mean and its old rows, and the new rows are within
+  their bounds. Conservative mode certifies the same class or abstains; at
+  the same stop it never certifies a larger radius (it may stop later, with
+  a wider bound at each checkpoint, and so reach a larger one: sound too)."""
+  fmt = "int8"
+  enc, prompts = setup(6)
+  known = prompts[:2]
+  novel = list(prompts[2:4]) + [_near_tie(prompts[4], 1e-4),
+                                _near_tie(prompts[5], 1e-6)]
+  conservative = dataclasses.replace(PARAMS, cached_ambiguous="conservative")
+  grew = ambiguous = 0
+  for i in range(2):
+    x = jnp.asarray(np.random.default_rng(20 + i).normal(size=D), jnp.float32)
+    key = jax.random.key(i)
+    k = ovc.certify_known_prompts_sequential(MLP, enc, x, key, known, PARAMS,
+                                             SEQ)
+    packed = _compressed(k.embedding_draws, fmt)
+    have = packed.estimation.shape[0]
+    for u in novel:
+      got = ovc.certify_novel_prompt_sequential(
+          "cached", MLP, enc, x, key, packed, u, PARAMS, SEQ)
+      scratch = sq.certify_sequential(MLP, MLP.params(enc, u), x, key,
+                                      SMOOTHING, SEQ)
+      assert_same(got.result, scratch)
+      cert = got.result.certificate
+      assert cert.regenerated == cert.ambiguous
+      ambiguous += cert.ambiguous
+      grown = got.embedding_draws.estimation
+      assert isinstance(grown, cache_codec.CompressedRows)
+      assert grown.shape[0] == max(have, scratch.draws)
+      if scratch.draws > have:
+        grew += 1
+        np.testing.assert_array_equal(grown.mean, packed.estimation.mean)
+        for part in ("scale", "codes", "bound"):
+          np.testing.assert_array_equal(getattr(grown, part)[:have],
+                                        getattr(packed.estimation, part))
+        exact = sq.extend_embeddings(MLP, MLP.params(enc, u), x, key,
+                                     k.embedding_draws, scratch.draws,
+                                     SMOOTHING).estimation
+        caches.check_within_bounds(np.asarray(exact), grown, "grown cache")
+      sure = ovc.certify_novel_prompt_sequential(
+          "cached", MLP, enc, x, key, packed, u, conservative, SEQ)
+      assert sure.result.certificate.regenerated == 0
+      assert sure.result.certificate.prediction in (
+          scratch.certificate.prediction, -1)
+      if sure.result.draws == scratch.draws:
+        assert sure.result.certificate.radius <= scratch.certificate.radius
+  assert grew and ambiguous, (grew, ambiguous)
+
+
+def test_rows_encoded_against_a_given_mean():
+  rng = np.random.default_rng(3)
+  rows = rng.normal(size=(40, E)).astype(np.float32)
+  mean = rng.normal(size=E).astype(np.float32)
+  packed = cache_codec.encode_rows(rows, "int8", mean=mean)
+  np.testing.assert_array_equal(packed.mean, mean)
+  caches.check_within_bounds(rows, packed, "rows")
+  for bad in (mean[:-1], mean.astype(np.float64),
+              np.full(E, np.nan, np.float32)):
+    with pytest.raises(OVCError, match="mean to encode against"):
+      cache_codec.encode_rows(rows, "int8", mean=bad)

@@ -34,6 +34,7 @@ from experiments.common import curves
 from experiments.common import distributed_record
 from experiments.common import sequential_job
 from experiments.configs import certify as certify_configs
+from ovc_jax import cache_codec
 from ovc_jax import caches
 from ovc_jax import clipure
 from ovc_jax import datasets
@@ -55,6 +56,10 @@ METHOD_NAMES = {**{name: c.label for name, c in ovc.NOVEL_CERTIFIERS.items()},
                 **sequential_job.SEQUENTIAL_METHODS}
 EXTRA_COLUMNS = ("method", "prompt", "pA_lower", "approximate", "irs_applied",
                  "known_prompt", "zeta", "confidence")
+# Cached-OVC's tables end with these: the samples (selection and estimation)
+# whose class a compressed cache's bounds left in doubt, and how many of them
+# the encoder recomputed (both 0 for a float32 cache).
+CACHED_COLUMNS = ("ambiguous", "regenerated")
 MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
               "generated shapes: a demo model, not a real CLIP")
 
@@ -65,7 +70,7 @@ MODEL_NOTE = ("the project's toy-world CLIP, trained offline on procedurally "
 _PARAM_FIELDS = {"n0": 100, "n": 10**9, "alpha": 0.001, "batch_size": 1000,
                  "irs.n_p": 1, "irs.gamma": 0.01, "irs.alpha_zeta": 0.001,
                  "mvn.delta": 0.025, "mvn.batch_size": 1000,
-                 "cached_batch_size": 1000}
+                 "cached_batch_size": 1000, "cached_ambiguous": "regenerate"}
 
 
 def _param_values(config) -> dict[str, Any]:
@@ -80,7 +85,8 @@ def _make_params(v: dict[str, Any], sigma: float) -> ovc.OVCParams:
       irs=IRSParams(n_p=v["irs.n_p"], gamma=v["irs.gamma"],
                     alpha_zeta=v["irs.alpha_zeta"]),
       mvn=MVNParams(delta=v["mvn.delta"], batch_size=v["mvn.batch_size"]),
-      cached_batch_size=v["cached_batch_size"])
+      cached_batch_size=v["cached_batch_size"],
+      cached_ambiguous=v["cached_ambiguous"])
 
 
 def ovc_params(config, sigma: float) -> ovc.OVCParams:
@@ -115,6 +121,10 @@ def validate(config) -> None:
     preprocessing.check_noise_space(config.noise_space)
   except ConfigError as e:
     raise ConfigError(f"{e}; set --config.noise_space") from e
+  if config.cache_format not in cache_codec.FORMATS:
+    raise ConfigError(f"--config.cache_format must be one of "
+                      f"{' | '.join(cache_codec.FORMATS)}; got "
+                      f"{config.cache_format!r}")
   if config.mode not in ("ovc", "single", "sequential"):
     raise ConfigError(f"--config.mode must be 'ovc', 'single' or "
                       f"'sequential'; got {config.mode!r}")
@@ -122,6 +132,11 @@ def validate(config) -> None:
     for sigma in config.sigmas:
       sequential_job.seq_params(config, sigma)
     sequential_job.replays(config)
+    if config.cache_format != "float32":
+      raise ConfigError(
+          "--config.cache_format sets the format of the caches ovc and "
+          "single modes write; sequential mode writes none (its growing cache "
+          "stays in memory): leave it float32")
   if config.method not in METHODS:
     raise ConfigError(f"--config.method must be one of {METHODS}; got "
                       f"{config.method!r}")
@@ -146,11 +161,20 @@ def validate(config) -> None:
 
 
 def result_config(config) -> dict[str, Any]:
-  """The config as a workdir records it: the fields results depend on."""
+  """The config as a workdir records it: the fields results depend on.
+
+  cache_format and cached_ambiguous are recorded only in "conservative"
+  mode: in "regenerate" mode every certificate is standard RS's whatever
+  the caches' format, so such a run may be resumed with another format (and
+  the default run's record is what it was before compressed caches).
+  """
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   d.pop(common.WEIGHTS_KEY, None)
   for name in certify_configs.NON_RESULT_FIELDS:
     d.pop(name, None)
+  if d.get("cached_ambiguous", "regenerate") == "regenerate":
+    for name in certify_configs.CONSERVATIVE_ONLY_FIELDS:
+      d.pop(name, None)
   return d
 
 
@@ -170,7 +194,8 @@ def config_from_workdir(workdir: str):
     raise ConfigError(f"{path} is not a certify run's config")
   recorded.pop(common.WEIGHTS_KEY, None)
   config = certify_configs.get_config()
-  for name in certify_configs.NON_RESULT_FIELDS:
+  for name in (certify_configs.NON_RESULT_FIELDS
+               + certify_configs.CONSERVATIVE_ONLY_FIELDS):
     recorded.setdefault(name, config[name])
   return config_dict.ConfigDict(recorded)
 
@@ -480,6 +505,8 @@ class Row:
              float(irs.zeta) if irs else float("nan"), confidence)
     if self.sequential is not None:
       extra += tuple(self.sequential)
+    if self.method == "cached":
+      extra += (int(self.cert.ambiguous), int(self.cert.regenerated))
     return results.format_row(idx, label, self.cert.prediction,
                               self.cert.radius, self.seconds, extra)
 
@@ -513,7 +540,8 @@ def certify_known(setup: Setup, prompts: list[Prompt], x, key, sigma: float,
     ovc.save_caches(directory, known.caches,
                     provenance(setup, sigma, key, image, base),
                     alpha=setup.config.alpha,
-                    templates=[p.template for p in prompts])
+                    templates=[p.template for p in prompts],
+                    cache_format=setup.config.cache_format)
   except OSError as e:
     # The input is not done: its caches are written again on the resume, so
     # a partial set (and the folders above it, if empty) goes now.
@@ -551,12 +579,18 @@ def certify_input(setup: Setup, idx: int) -> list[Row]:
   return rows
 
 
+def table_columns(setup: Setup, method: str) -> tuple[str, ...]:
+  """The columns after Cohen's six of one method's tables."""
+  return (EXTRA_COLUMNS
+          + (sequential_job.COLUMNS if setup.config.mode == "sequential"
+             else ())
+          + (CACHED_COLUMNS if method == "cached" else ()))
+
+
 def all_tables(setup: Setup) -> dict[str, str]:
   """{tsv path: header} of every file this run writes."""
-  columns = EXTRA_COLUMNS + (sequential_job.COLUMNS
-                            if setup.config.mode == "sequential" else ())
   return {tsv_path(setup, method, prompt, sigma, base):
-              results.header(columns)
+              results.header(table_columns(setup, method))
           for base, _, method, prompt, sigma in _groups(setup)}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from experiments.common import certify_job
 from experiments.common import save_figure
+from ovc_jax import ovc
 from ovc_jax import sampler
 from ovc_jax.certificates import Certificate
 from ovc_jax.certifiers import cached_ovc, mvn_ovc
@@ -33,8 +34,19 @@ def compare(setup) -> dict[float, list[tuple[Certificate, Certificate]]]:
       # provenance, checksums, and a few embeddings regenerated.
       source = certify_job.stored_caches(setup, sigma, idx, verify=True)
       params = certify_job.ovc_params(config, sigma)
+      draws = source.load_embeddings()
+      # A compressed cache's ambiguous samples are recomputed: the exact
+      # certificates whatever --config.cached_ambiguous says.
+      regenerate = None
+      if ovc.is_compressed(draws):
+        base = setup.base("")
+        image, _ = setup.dataset[idx]
+        regenerate = ovc.regenerator(
+            ovc.NovelInput(base.classifier, base.encoder_params,
+                           certify_job.model_input(setup, image), key),
+            stack, params.smoothing)
       exact = cached_ovc.certify_cached_many(
-          source.load_embeddings(), stack, params.smoothing)
+          draws, stack, params.smoothing, regenerate=regenerate)
       mvn = mvn_ovc.certify_mvn_many(
           key, source.load_gaussian(), stack, params.smoothing,
           mvn_ovc.MVNParams(delta=0.0, batch_size=config.mvn.batch_size))

@@ -103,6 +103,12 @@ class ResumableRun:
         idx = line.split("\t", 1)[0]
         if idx.isdigit() and int(idx) in done:
           kept.append(line + "\n")
+      if len(kept) > 1 and lines[0] + "\n" != header:
+        # Rows of other columns (an older version of the job) under this
+        # header would make the file unreadable.
+        raise WorkdirError(
+            f"{path} has other columns than this run writes: it was written "
+            "by another version of ovc_jax; pass another --workdir")
     atomic_write_text(path, "".join(kept))
 
   def _append(self, path: str, text: str) -> None:

@@ -52,6 +52,10 @@ EXAMPLE_VARIANTS = "cifar10,vit_b32,paper"
 # Fields that do not change any result: a workdir may be resumed with other
 # values of these (they are not compared with its config.json).
 NON_RESULT_FIELDS = ("download", "verify_cache_samples")
+# Recorded only with cached_ambiguous = "conservative", whose certificates
+# depend on the cache format; "regenerate" gives standard RS's certificates
+# whatever the format, so such a run may be resumed with another one.
+CONSERVATIVE_ONLY_FIELDS = ("cache_format", "cached_ambiguous")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -91,6 +95,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mvn.delta = 0.025         # margin; calibrated, see README "MVN-OVC's margin"
   c.mvn.batch_size = 10_000
   c.cached_batch_size = 10_000
+  # How the embedding caches are stored: float32 (exact rows) | int16 | int8
+  # (each row quantised with a bound on its error: 0.50x and 0.25x the bytes
+  # at d = 512; docs/CACHES.md). And how Cached-OVC treats the samples of a
+  # compressed cache whose class the bound leaves in doubt: regenerate
+  # (recompute them with the encoder: certificates identical to standard RS)
+  # | conservative (count them as misses: sound, no encoder pass).
+  c.cache_format = "float32"
+  c.cached_ambiguous = "regenerate"
   # Reading caches of an earlier run (single mode): regenerate this many of
   # their noise samples with the encoder and compare (0: skip the check).
   c.verify_cache_samples = 4

@@ -37,8 +37,9 @@ when the rule stops for it), not clipped. See docs/SEQUENTIAL.md.
 same draws; every front end calls it:
 
   certify_sequential[_many]       the encoder (keyed sampler, `first_index`)
-  certify_sequential_cached[_many] slices of cached estimation embeddings;
-                                  `OutOfDraws` when the cache is too short
+  certify_sequential_cached[_many] slices of cached estimation embeddings
+                                  (float32 or compressed); `OutOfDraws` when
+                                  the cache is too short
   extend_embeddings               the missing tail of the same keyed stream
   certify_sequential_extending    cached, extended with encoder passes on demand
 
@@ -50,6 +51,15 @@ run and every embedding has the bits a one-shot draw gives (Cached-OVC's
 exactness carries over). Choose first_block as a multiple of batch_size (both
 default to 1000); otherwise up to batch_size - 1 rows past the stopping
 checkpoint are evaluated and not used.
+
+A cache may be compressed (`cache_codec.CompressedRows` streams): each block
+is counted by `cached_ovc.count_stream` with its rows' stream indices, so the
+ambiguous samples are regenerated (the result is then the float32 cache's,
+hence `certify_sequential`'s) or counted conservatively, as `CachedParams`
+says; each certificate reports its prompt's ambiguous and regenerated draws
+up to its stop. `extend_embeddings` grows a compressed cache by encoding the
+new rows against the cache's own mean: the rows already there are kept as
+they are, not decoded or encoded again.
 """
 
 from __future__ import annotations
@@ -65,11 +75,13 @@ import numpy as np
 from scipy import stats
 
 from ovc_jax import bounds
+from ovc_jax import cache_codec
 from ovc_jax import certificates
 from ovc_jax import sampler
+from ovc_jax.cache_codec import CompressedRows
 from ovc_jax.certificates import ABSTAIN, Certificate, SmoothingParams
 from ovc_jax.certifiers import cached_ovc
-from ovc_jax.certifiers.cached_ovc import EmbeddingDraws
+from ovc_jax.certifiers.cached_ovc import CachedParams, EmbeddingDraws
 from ovc_jax.errors import ConfigError, InputError
 
 ALPHA_SPLITS = ("uniform", "basel")
@@ -517,49 +529,93 @@ def certify_sequential(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
                             alpha=smoothing.alpha, params=seq_params)
 
 
+def num_rows(rows: Any) -> int:
+  """The rows of float32 rows or of a `CompressedRows`."""
+  return int(rows.shape[0] if hasattr(rows, "shape") else np.shape(rows)[0])
+
+
 def _check_cache(embeddings: EmbeddingDraws, smoothing: SmoothingParams):
-  n0 = int(np.shape(embeddings.selection)[0])
+  n0 = num_rows(embeddings.selection)
   if n0 != smoothing.n0:
     raise InputError(f"the cache has {n0} selection draws but smoothing.n0 is "
                      f"{smoothing.n0}")
 
 
+def rows_slice(rows: Any, start: int, stop: int) -> Any:
+  """Rows [start, stop) of float32 rows or of a `CompressedRows` (its mean
+  kept)."""
+  if isinstance(rows, CompressedRows):
+    return CompressedRows(rows.mean, rows.scale[start:stop],
+                          rows.codes[start:stop], rows.bound[start:stop])
+  return rows[start:stop]
+
+
 def certify_sequential_cached_many(
     embeddings: EmbeddingDraws, class_embeddings: jax.Array,
     smoothing: SmoothingParams, seq_params: SequentialParams, *,
-    batch_size: int = 10_000) -> list[SequentialResult | OutOfDraws]:
+    batch_size: int = 10_000, ambiguous: str = "regenerate",
+    regenerate: cached_ovc.Regenerate | None = None
+) -> list[SequentialResult | OutOfDraws]:
   """Sequential CERTIFY of P prompts (U [P, C, d]) from cached embeddings.
 
   Blocks are slices of `embeddings.estimation`; a prompt whose rule needs
   more draws than the cache holds gets `OutOfDraws` (extend the cache with
   `extend_embeddings` and run again, or use `certify_sequential_extending`).
+  A compressed cache's ambiguous samples are treated as `ambiguous` says
+  ("regenerate" needs `regenerate`, e.g. `cached_ovc.encoder_regenerator`
+  with smoothing.n = the stream's length; see the module docstring).
   """
   _check_cache(embeddings, smoothing)
+  cached = CachedParams(batch_size, ambiguous=ambiguous)
   class_embeddings = jnp.asarray(class_embeddings)
   if class_embeddings.ndim == 2:
     class_embeddings = class_embeddings[None]
   estimation = embeddings.estimation
+  blocks = []  # (end, ambiguous [P], regenerated [P]) of each block counted
+
+  def count(rows, stream, first_index=0):
+    out = cached_ovc.count_stream(rows, class_embeddings, stream=stream,
+                                  cached=cached, regenerate=regenerate,
+                                  first_index=first_index)
+    return out
 
   def draw(first_index, num_samples):  # one program per block size
-    return cached_ovc.count_predictions(
-        estimation[first_index:first_index + num_samples], class_embeddings,
-        batch_size=batch_size)
+    out = count(rows_slice(estimation, first_index,
+                           first_index + num_samples), "estimation",
+                first_index)
+    blocks.append((first_index + num_samples, out.ambiguous, out.regenerated))
+    return out.counts
 
-  counts0 = cached_ovc.count_predictions(embeddings.selection,
-                                         class_embeddings,
-                                         batch_size=batch_size)
-  return sequential_certify_many(
-      draw, counts0, sigma=smoothing.sigma, alpha=smoothing.alpha,
-      params=seq_params, available=int(np.shape(estimation)[0]))
+  selection = count(embeddings.selection, "selection")
+  results = sequential_certify_many(
+      draw, selection.counts, sigma=smoothing.sigma, alpha=smoothing.alpha,
+      params=seq_params, available=num_rows(estimation))
+  if not any(isinstance(r, CompressedRows) for r in embeddings):
+    return results
+  out = []
+  for p, result in enumerate(results):
+    if isinstance(result, OutOfDraws):
+      out.append(result)
+      continue
+    used = [b for b in blocks if b[0] <= result.draws]
+    cert = result.certificate._replace(
+        ambiguous=int(selection.ambiguous[p] + sum(b[1][p] for b in used)),
+        regenerated=int(selection.regenerated[p]
+                        + sum(b[2][p] for b in used)))
+    out.append(result._replace(certificate=cert))
+  return out
 
 
 def certify_sequential_cached(embeddings: EmbeddingDraws,
                               class_embeddings: jax.Array,
                               smoothing: SmoothingParams,
                               seq_params: SequentialParams, *,
-                              batch_size: int = 10_000
+                              batch_size: int = 10_000,
+                              ambiguous: str = "regenerate",
+                              regenerate: cached_ovc.Regenerate | None = None
                               ) -> SequentialResult | OutOfDraws:
-  """One prompt (U [C, d]) from cached embeddings; no encoder pass.
+  """One prompt (U [C, d]) from cached embeddings; no encoder pass (except
+  for a compressed cache's ambiguous samples in "regenerate" mode).
 
   With the embeddings of the same key it gives what `certify_sequential`
   gives, or `OutOfDraws` if the cache is shorter than the draws needed.
@@ -570,7 +626,23 @@ def certify_sequential_cached(embeddings: EmbeddingDraws,
                      "[P, C, d]")
   return certify_sequential_cached_many(embeddings, class_embeddings,
                                         smoothing, seq_params,
-                                        batch_size=batch_size)[0]
+                                        batch_size=batch_size,
+                                        ambiguous=ambiguous,
+                                        regenerate=regenerate)[0]
+
+
+def stream_regenerator(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
+                       key: jax.Array, smoothing: SmoothingParams,
+                       seq_params: SequentialParams,
+                       mesh=None) -> cached_ovc.Regenerate:
+  """`cached_ovc.encoder_regenerator` for a sequential run's streams: the
+  estimation stream runs to n_max, evaluated in the aligned chunks of S
+  rows this module's encoder passes use (so a regenerated sample has the
+  bits of the run's)."""
+  size = _aligned_chunk(smoothing.batch_size, mesh)
+  return cached_ovc.encoder_regenerator(
+      apply_fn, params, x, key,
+      smoothing.replace(n=max(seq_params.n_max, size), batch_size=size))
 
 
 def extend_embeddings(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
@@ -585,7 +657,9 @@ def extend_embeddings(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
   is evaluated again, its rows past the cache kept). The old arrays are kept
   as they are, so the first part is bit-identical, and the tail is the bits a
   one-shot draw of new_total embeddings with this batch size gives. The tail
-  is cast to the cache's dtype; numpy caches stay numpy.
+  is cast to the cache's dtype; numpy caches stay numpy. A compressed cache
+  (`CompressedRows`) gets the tail encoded in its format against its own
+  mean, each new row with its bound; its rows are not decoded.
 
   Args:
     apply_fn: a base classifier returning "embeddings" (the one the cache
@@ -598,7 +672,7 @@ def extend_embeddings(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
   """
   _check_cache(embeddings, smoothing)
   old = embeddings.estimation
-  have = int(np.shape(old)[0])
+  have = num_rows(old)
   if not _is_int(new_total) or new_total < have:
     raise ConfigError(f"new_total must be an integer >= the {have} cached "
                       f"draws; got {new_total}")
@@ -615,10 +689,17 @@ def extend_embeddings(apply_fn: sampler.ApplyFn, params: Any, x: jax.Array,
       [call(num_samples=size, first_index=start)["embeddings"]
        for start in range(first, new_total, size)], axis=0)
   tail = tail[have - first:new_total - first]
-  if tail.shape[1:] != tuple(np.shape(old)[1:]):
+  if tail.shape[1:] != tuple(old.shape[1:]):
     raise InputError(f"the encoder's embeddings {tail.shape[1:]} do not match "
-                     f"the cache's {tuple(np.shape(old)[1:])}")
-  if isinstance(old, jax.Array):
+                     f"the cache's {tuple(old.shape[1:])}")
+  if isinstance(old, CompressedRows):
+    packed = cache_codec.encode_rows(np.asarray(tail, np.float32), old.format,
+                                     mean=np.asarray(old.mean))
+    new = CompressedRows(old.mean, *(
+        np.concatenate([np.asarray(a), b]) for a, b in
+        ((old.scale, packed.scale), (old.codes, packed.codes),
+         (old.bound, packed.bound))))
+  elif isinstance(old, jax.Array):
     new = jnp.concatenate([old, tail.astype(old.dtype)], axis=0)
   else:
     old = np.asarray(old)
@@ -630,7 +711,7 @@ def certify_sequential_extending(
     apply_fn: sampler.ApplyFn, params: Any, x: jax.Array, key: jax.Array,
     embeddings: EmbeddingDraws, class_embeddings: jax.Array,
     smoothing: SmoothingParams, seq_params: SequentialParams, *,
-    batch_size: int = 10_000, mesh=None
+    batch_size: int = 10_000, ambiguous: str = "regenerate", mesh=None
 ) -> tuple[SequentialResult, EmbeddingDraws]:
   """Cached sequential CERTIFY of one prompt, extending the cache on demand.
 
@@ -638,12 +719,18 @@ def certify_sequential_extending(
   with encoder passes for the missing draws only, and the rule is run again
   on the longer cache (counting cached embeddings is cheap). Returns the
   result, equal to `certify_sequential` with the same key, and the cache
-  (extended, or the one given).
+  (extended, or the one given). A compressed cache's ambiguous samples are
+  regenerated with this encoder (`ambiguous="regenerate"`: the result is
+  still `certify_sequential`'s) or counted conservatively.
   """
+  regenerate = stream_regenerator(apply_fn, params, x, key, smoothing,
+                                  seq_params, mesh)
   while True:
     result = certify_sequential_cached(embeddings, class_embeddings,
                                        smoothing, seq_params,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size,
+                                       ambiguous=ambiguous,
+                                       regenerate=regenerate)
     if not isinstance(result, OutOfDraws):
       return result, embeddings
     embeddings = extend_embeddings(apply_fn, params, x, key, embeddings,
