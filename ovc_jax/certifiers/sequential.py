@@ -72,6 +72,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 from scipy import stats
 
 from ovc_jax import bounds
@@ -244,7 +245,9 @@ def _radius(p, sigma: float) -> np.ndarray:
   """r(p) = sigma * PhiInv(p) where p > 1/2, else 0 (float64)."""
   p = np.asarray(p, np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):
-    r = sigma * stats.norm.ppf(np.maximum(p, 0.5))
+    # ndtri is norm.ppf's own kernel (same values) without its per-call
+    # argument handling, which dominated the rule's cost.
+    r = sigma * special.ndtri(np.maximum(p, 0.5))
   return np.where(p > 0.5, r, 0.0)
 
 
