@@ -24,6 +24,11 @@ from ovc_jax import caches
 from commands import ENV, REPO
 from test_experiments import TINY, run, tsv_rows_without_time
 
+# These read the shared TINY run (conftest.tiny_certify_run) and this
+# module's int8 run: on the xdist worker of test_experiments' readers of the
+# TINY run, so that each is made once.
+pytestmark = pytest.mark.xdist_group("tiny_certify_run")
+
 NEW_COLUMNS = ("ambiguous", "regenerated")
 
 
