@@ -257,6 +257,7 @@ def sequential_parts(tmp_path_factory):
   return config, workdir, summary
 
 
+@pytest.mark.heavy  # starts its xdist group early
 @SHARES_SEQUENTIAL_PARTS
 def test_a_merged_sequential_run_draws_every_figure(sequential_parts):
   _, workdir, summary = sequential_parts

@@ -105,6 +105,7 @@ def test_summary_equals_a_cohen_style_computation_on_the_tsvs(certify_run):
         np.mean([row["predict"] == "-1" for row in rows]))
 
 
+@pytest.mark.heavy  # starts its xdist group early
 @SHARES_TINY_RUN
 def test_kill_and_resume_gives_the_uninterrupted_tsvs(certify_run, tmp_path):
   reference, _ = certify_run
