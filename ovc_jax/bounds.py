@@ -77,43 +77,6 @@ def _check_counts(k: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> None:
     raise ConfigError(f"alpha must lie in (0, 1); got {alpha}")
 
 
-# One bound at a time (the sequential rule's checkpoints, one prompt each)
-# repeats the same (k, n, alpha) over inputs and keys, and scipy's per-call
-# overhead is most of its cost: single values are memoised (the same value
-# scipy gives; bad ones raise and are not kept).
-_SINGLE_BOUNDS = 1 << 16
-
-
-def _single(bound_fn, k, n, alpha):
-  """bound_fn(k, n, alpha) through the memo when all three are one value
-  (any shape of size 1); None otherwise."""
-  if k.size != 1 or n.size != 1 or alpha.size != 1:
-    return None
-  if not (np.issubdtype(k.dtype, np.integer)
-          and np.issubdtype(n.dtype, np.integer)):
-    return None
-  value = bound_fn(int(k.reshape(())), int(n.reshape(())),
-                   float(alpha.reshape(())))
-  shape = np.broadcast_shapes(k.shape, n.shape, alpha.shape)
-  return value if not shape else np.full(shape, value)
-
-
-@functools.lru_cache(maxsize=_SINGLE_BOUNDS)
-def _lower_single(k: int, n: int, alpha: float) -> float:
-  return float(_lower(*_checked(k, n, alpha)))
-
-
-@functools.lru_cache(maxsize=_SINGLE_BOUNDS)
-def _upper_single(k: int, n: int, alpha: float) -> float:
-  return float(_upper(*_checked(k, n, alpha)))
-
-
-def _checked(k, n, alpha):
-  k, n, alpha = np.asarray(k), np.asarray(n), np.asarray(alpha, np.float64)
-  _check_counts(k, n, alpha)
-  return k, n, alpha
-
-
 def clopper_pearson_lower(k, n, alpha):
   """One-sided lower confidence bound on a binomial proportion (scipy).
 
@@ -125,12 +88,12 @@ def clopper_pearson_lower(k, n, alpha):
   Returns:
     float (or float64 array): P[success] >= the bound with confidence 1 - alpha.
   """
-  k, n, alpha = np.asarray(k), np.asarray(n), np.asarray(alpha, np.float64)
-  single = _single(_lower_single, k, n, alpha)
-  if single is not None:
-    return single
-  bound = _lower(*_checked(k, n, alpha))
-  return float(bound) if bound.ndim == 0 else bound
+  return _bound("lower", k, n, alpha)
+
+
+def clopper_pearson_upper(k, n, alpha):
+  """One-sided upper confidence bound on a binomial proportion (scipy)."""
+  return _bound("upper", k, n, alpha)
 
 
 def _lower(k, n, alpha):
@@ -140,22 +103,41 @@ def _lower(k, n, alpha):
   return np.where(k == 0, 0.0, bound)
 
 
-def clopper_pearson_upper(k, n, alpha):
-  """One-sided upper confidence bound on a binomial proportion (scipy)."""
-  k, n, alpha = np.asarray(k), np.asarray(n), np.asarray(alpha, np.float64)
-  single = _single(_upper_single, k, n, alpha)
-  if single is not None:
-    return single
-  bound = _upper(*_checked(k, n, alpha))
-  return float(bound) if bound.ndim == 0 else bound
-
-
 def _upper(k, n, alpha):
   # isf(alpha) rather than ppf(1 - alpha): 1 - alpha loses digits for tiny alpha.
   with np.errstate(invalid="ignore", divide="ignore"):
     bound = stats.beta.isf(alpha, k + 1, n - k)
     bound = np.where(k == 0, -np.expm1(np.log(alpha) / n), bound)
   return np.where(k == n, 1.0, bound)
+
+
+_SIDES = {"lower": _lower, "upper": _upper}
+# One bound at a time (the sequential rule's checkpoints, one prompt each)
+# repeats the same (k, n, alpha) over inputs and keys, and scipy's per-call
+# overhead is most of its cost: single integer counts are memoised (the same
+# value scipy gives; bad ones raise and are not kept).
+_SINGLE_BOUNDS = 1 << 16
+
+
+def _bound(side: str, k, n, alpha):
+  k, n, alpha = np.asarray(k), np.asarray(n), np.asarray(alpha, np.float64)
+  if (k.size == n.size == alpha.size == 1
+      and np.issubdtype(k.dtype, np.integer)
+      and np.issubdtype(n.dtype, np.integer)):
+    value = _single_bound(side, int(k.reshape(())), int(n.reshape(())),
+                          float(alpha.reshape(())))
+    shape = np.broadcast_shapes(k.shape, n.shape, alpha.shape)
+    return value if not shape else np.full(shape, value)
+  _check_counts(k, n, alpha)
+  bound = _SIDES[side](k, n, alpha)
+  return float(bound) if bound.ndim == 0 else bound
+
+
+@functools.lru_cache(maxsize=_SINGLE_BOUNDS)
+def _single_bound(side: str, k: int, n: int, alpha: float) -> float:
+  k, n, alpha = np.asarray(k), np.asarray(n), np.asarray(alpha, np.float64)
+  _check_counts(k, n, alpha)
+  return float(_SIDES[side](k, n, alpha))
 
 
 _LN_SQRT_2PI = 0.5 * math.log(2 * math.pi)
