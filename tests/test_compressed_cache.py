@@ -19,7 +19,6 @@ from test_cached_ovc import (C, CLASSIFIER, KW, assert_identical,
 from ovc_jax import cache_codec
 from ovc_jax import certificates
 from ovc_jax import sampler
-from ovc_jax.cache_codec import CompressedRows
 from ovc_jax.certifiers import cached_ovc, core, standard
 from ovc_jax.certifiers.cached_ovc import CachedParams, EmbeddingDraws
 from ovc_jax.errors import ConfigError, InputError
@@ -27,10 +26,13 @@ from ovc_jax.errors import ConfigError, InputError
 CONSERVATIVE = CachedParams(ambiguous="conservative")
 
 
-def compress(cache, fmt):
-  return EmbeddingDraws(
-      cache_codec.encode_rows(np.asarray(cache.selection), fmt),
-      cache_codec.encode_rows(np.asarray(cache.estimation), fmt))
+def certify_both_ways(compressed, prompts, smoothing_params, regenerate):
+  """The prompts' certificates from a compressed cache in regenerate mode
+  and in conservative mode."""
+  return (cached_ovc.certify_cached_many(compressed, prompts, smoothing_params,
+                                         regenerate=regenerate),
+          cached_ovc.certify_cached_many(compressed, prompts, smoothing_params,
+                                         CONSERVATIVE))
 
 
 def from_rows(cache):
@@ -96,15 +98,12 @@ def test_regenerate_is_standard_rs_and_conservative_never_more(fmt):
     for i in range(2):
       x, key = make_input(i), jax.random.key(10 + i)
       references, cache = standard_run(encoder, prompts, x, key, sigma)
-      compressed = compress(cache, fmt)
+      compressed = cached_ovc.compress_draws(cache, fmt)
       regenerate = cached_ovc.encoder_regenerator(
           CLASSIFIER, CLASSIFIER.params(encoder, prompts[0]), x, key,
           smoothing(sigma))
-      many = cached_ovc.certify_cached_many(compressed, prompts,
-                                            smoothing(sigma),
-                                            regenerate=regenerate)
-      conservative = cached_ovc.certify_cached_many(
-          compressed, prompts, smoothing(sigma), CONSERVATIVE)
+      many, conservative = certify_both_ways(compressed, prompts,
+                                             smoothing(sigma), regenerate)
       for p, reference in enumerate(references):
         assert_identical(many[p], reference)
         assert many[p].regenerated == many[p].ambiguous
@@ -161,11 +160,9 @@ def test_toy_clip_regenerate_is_standard_rs(toy_clip):
     regenerate = cached_ovc.encoder_regenerator(
         classifier, classifier.params(encoder, prompts[0]), x, key, s)
     for fmt in ("int8", "int16"):
-      compressed = compress(cache, fmt)
-      many = cached_ovc.certify_cached_many(compressed, prompts, s,
-                                            regenerate=regenerate)
-      conservative = cached_ovc.certify_cached_many(compressed, prompts, s,
-                                                    CONSERVATIVE)
+      compressed = cached_ovc.compress_draws(cache, fmt)
+      many, conservative = certify_both_ways(compressed, prompts, s,
+                                             regenerate)
       for p, reference in enumerate(references):
         assert_identical(many[p], reference)
         assert_no_more_than(conservative[p], reference)
@@ -226,11 +223,8 @@ def test_near_tie_forces_ambiguous_rows_and_both_modes_stay_right(near_tie,
                                                                   fmt):
   cache, prompts, references, regenerate, s = near_tie
   assert all(r.prediction == 0 for r in references)  # a certificate to keep
-  compressed = compress(cache, fmt)
-  many = cached_ovc.certify_cached_many(compressed, prompts, s,
-                                        regenerate=regenerate)
-  conservative = cached_ovc.certify_cached_many(compressed, prompts, s,
-                                                CONSERVATIVE)
+  compressed = cached_ovc.compress_draws(cache, fmt)
+  many, conservative = certify_both_ways(compressed, prompts, s, regenerate)
   for p, reference in enumerate(references):
     assert_identical(many[p], reference)
     assert many[p].ambiguous > 0
@@ -256,7 +250,7 @@ def test_identity_fails_when_the_bound_is_broken(near_tie, monkeypatch):
     return [c.counts for c in cached_ovc.certify_cached_many(
         compressed, prompts, s, regenerate=regenerate)]
 
-  compressed = compress(cache, "int8")
+  compressed = cached_ovc.compress_draws(cache, "int8")
   for p, counts in enumerate(counts_for(compressed)):
     np.testing.assert_array_equal(counts, references[p].counts)
   no_bound = EmbeddingDraws(*(r._replace(bound=np.zeros_like(r.bound))
@@ -265,7 +259,7 @@ def test_identity_fails_when_the_bound_is_broken(near_tie, monkeypatch):
   assert not np.array_equal(wrong[0], references[0].counts)
   monkeypatch.setattr(cached_ovc, "rounding_allowance",
                       lambda d: cached_ovc.RoundingAllowance(0., 1., 1., 0.))
-  wrong = counts_for(compress(cache, "int16"))
+  wrong = counts_for(cached_ovc.compress_draws(cache, "int16"))
   assert not np.array_equal(wrong[1], references[1].counts)
 
 
@@ -344,7 +338,7 @@ def test_float32_caches_count_as_before():
   s = certificates.SmoothingParams(sigma=0.5, n0=50, n=150)
   for cert in cached_ovc.certify_cached_many(cache, prompts, s):
     assert cert.ambiguous == cert.regenerated == 0
-  compressed = compress(cache, "int8")
+  compressed = cached_ovc.compress_draws(cache, "int8")
   with pytest.raises(ConfigError, match="float32 caches only"):
     core.cached_counts(compressed, prompts)
   with pytest.raises(ConfigError, match="float32 caches only"):
@@ -353,7 +347,7 @@ def test_float32_caches_count_as_before():
 
 def test_bad_inputs_get_one_clear_error():
   e, prompts = _rows(4, m=200)
-  cache = compress(EmbeddingDraws(e[:50], e[50:]), "int8")
+  cache = cached_ovc.compress_draws(EmbeddingDraws(e[:50], e[50:]), "int8")
   s = certificates.SmoothingParams(sigma=0.5, n0=50, n=150)
   with pytest.raises(ConfigError, match="ambiguous must be one of"):
     CachedParams(ambiguous="regenrate")

@@ -19,7 +19,7 @@ from ovc_jax import caches
 from ovc_jax import certificates
 from ovc_jax import ovc
 from ovc_jax.certificates import SmoothingParams
-from ovc_jax.certifiers import modified_irs, standard
+from ovc_jax.certifiers import cached_ovc, modified_irs, standard
 from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.certifiers.mvn_ovc import MVNParams
 from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
@@ -211,12 +211,10 @@ def _rewritten_copy(stored, tmp_path, field, value):
   return target
 
 
-@pytest.mark.parametrize("field", ["sigma", "key"])
-def test_regeneration_catches_consistently_rewritten_metadata(
-    known, tmp_path, field):
-  """A cache made at sigma 0.25 (or for another key) whose metadata says
-  sigma 0.5 (or this key): the checksum holds, the provenance matches, and
-  only regenerating samples from the key shows the arrays are not these."""
+def _cache_claiming_this_input(tmp_path, field, cache_format):
+  """Caches made at sigma 0.25 (field "sigma") or with another key ("key"),
+  rewritten consistently to claim this input's sigma or key: only
+  regenerating samples can tell. Returns the rewritten cache's directory."""
   if field == "sigma":
     smoothing, key = PARAMS.smoothing.replace(sigma=0.25), KEY
   else:
@@ -228,10 +226,19 @@ def test_regeneration_catches_consistently_rewritten_metadata(
   made_prov = caches.Provenance.for_input(
       _model(), noise_space="normalized", smoothing=smoothing, key=key,
       image=X, dtype="float32", num_classes=C)
-  ovc.save_caches(source, made.caches, made_prov, alpha=PARAMS.smoothing.alpha)
-  claimed = _provenance().to_dict()[field]
-  target = _rewritten_copy(ovc.StoredCaches(source, made_prov), tmp_path,
-                           field, claimed)
+  ovc.save_caches(source, made.caches, made_prov, alpha=PARAMS.smoothing.alpha,
+                  cache_format=cache_format)
+  return _rewritten_copy(ovc.StoredCaches(source, made_prov), tmp_path,
+                         field, _provenance().to_dict()[field])
+
+
+@pytest.mark.parametrize("field", ["sigma", "key"])
+def test_regeneration_catches_consistently_rewritten_metadata(
+    known, tmp_path, field):
+  """A cache made at sigma 0.25 (or for another key) whose metadata says
+  sigma 0.5 (or this key): the checksum holds, the provenance matches, and
+  only regenerating samples from the key shows the arrays are not these."""
+  target = _cache_claiming_this_input(tmp_path, field, "float32")
   unchecked = ovc.StoredCaches(target, _provenance())
   # Without the check the stale embeddings are used, silently.
   wrong = ovc.certify_novel_prompt("cached", LINEAR, ENCODER, X, KEY,
@@ -391,10 +398,8 @@ def test_an_inconsistent_compressed_cache_is_refused(known, tmp_path, damage,
 
 
 def test_compressed_rows_cannot_be_written_in_another_format(known, tmp_path):
-  from ovc_jax import cache_codec
   draws = known.caches.embedding_draws
-  packed = caches.EmbeddingDraws(
-      *(cache_codec.encode_rows(np.asarray(r), "int8") for r in draws))
+  packed = cached_ovc.compress_draws(draws, "int8")
   directory = str(tmp_path / "e")
   caches.save_embeddings(directory, packed, _provenance(), "int8")
   for fmt in ("float32", "int16"):
@@ -498,21 +503,7 @@ def test_verify_accepts_a_true_compressed_cache(known, compressed):
 @pytest.mark.parametrize("field", ["sigma", "key"])
 def test_verify_catches_a_compressed_cache_of_another_sigma_or_key(
     tmp_path, field):
-  if field == "sigma":
-    smoothing, key = PARAMS.smoothing.replace(sigma=0.25), KEY
-  else:
-    smoothing, key = PARAMS.smoothing, jax.random.key(8)
-  made = ovc.certify_known_prompts(
-      LINEAR, ENCODER, X, key, KNOWN_U,
-      dataclasses.replace(PARAMS, smoothing=smoothing))
-  source = str(tmp_path / "made")
-  made_prov = caches.Provenance.for_input(
-      _model(), noise_space="normalized", smoothing=smoothing, key=key,
-      image=X, dtype="float32", num_classes=C)
-  ovc.save_caches(source, made.caches, made_prov, alpha=PARAMS.smoothing.alpha,
-                  cache_format="int8")
-  target = _rewritten_copy(ovc.StoredCaches(source, made_prov), tmp_path,
-                           field, _provenance().to_dict()[field])
+  target = _cache_claiming_this_input(tmp_path, field, "int8")
   checked = ovc.StoredCaches(target, _provenance(), verify=ovc.NovelInput(
       LINEAR, ENCODER, X, KEY))
   with pytest.raises(CacheError, match=r"(selection|estimation) sample \d+ "

@@ -13,6 +13,7 @@ from ovc_jax import cache_codec
 from ovc_jax import caches
 from ovc_jax import ovc
 from ovc_jax.certificates import SmoothingParams
+from ovc_jax.certifiers import cached_ovc
 from ovc_jax.certifiers import sequential as sq
 from ovc_jax.certifiers.modified_irs import IRSParams
 from ovc_jax.classifiers import EmbeddingClassifier
@@ -151,11 +152,6 @@ def test_replay_needs_a_cache_of_n_max_draws():
     ovc.replay_sequential(full.embedding_draws, prompts, [], PARAMS, SEQ)
 
 
-def _compressed(draws, fmt):
-  return sq.EmbeddingDraws(*(cache_codec.encode_rows(np.asarray(r), fmt)
-                             for r in draws))
-
-
 def _near_tie(u, eps):
   u = np.array(u)
   u[1] = u[0] + eps * np.random.default_rng(9).normal(size=u.shape[1])
@@ -182,7 +178,7 @@ def test_a_compressed_cache_grows_and_certifies_as_scratch():
     key = jax.random.key(i)
     k = ovc.certify_known_prompts_sequential(MLP, enc, x, key, known, PARAMS,
                                              SEQ)
-    packed = _compressed(k.embedding_draws, fmt)
+    packed = cached_ovc.compress_draws(k.embedding_draws, fmt)
     have = packed.estimation.shape[0]
     for u in novel:
       got = ovc.certify_novel_prompt_sequential(

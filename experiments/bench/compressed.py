@@ -94,13 +94,6 @@ def storage_table(formats) -> dict:
   return out
 
 
-def _encode(cache, fmt):
-  from ovc_jax import cache_codec  # pylint: disable=g-import-not-at-top
-  from ovc_jax.certifiers import cached_ovc  # pylint: disable=g-import-not-at-top
-  return cached_ovc.EmbeddingDraws(*(cache_codec.encode_rows(
-      np.asarray(rows), fmt) for rows in cache))
-
-
 def _nbytes(cache) -> int:
   return sum(int(r.nbytes) for r in cache)
 
@@ -173,7 +166,7 @@ def _toy_real(config) -> tuple[dict, dict]:
       regenerate = cached_ovc.encoder_regenerator(classifier, params, xs[i],
                                                   key, smoothing)
       for fmt in cfg.formats:
-        compressed = _encode(cache, fmt)
+        compressed = cached_ovc.compress_draws(cache, fmt)
         entry = per_fmt[fmt]
         entry["bytes"].append(sum(r.nbytes for r in compressed))
         entry["bound_median"].append(float(np.median(np.concatenate(
@@ -282,7 +275,7 @@ def _timing(name: str, config, workdir: str, toy: dict) -> dict:
       np.asarray(synthetic_embeddings(real, n0, k_sel)),
       np.asarray(synthetic_embeddings(real, n, k_est)))
   formats = ("float32", *cfg.formats)
-  caches = {"float32": cache, **{fmt: _encode(cache, fmt)
+  caches = {"float32": cache, **{fmt: cached_ovc.compress_draws(cache, fmt)
                                  for fmt in cfg.formats}}
   root = os.path.join(workdir, "caches_compressed", name)
   directories = {fmt: os.path.join(root, fmt) for fmt in formats}

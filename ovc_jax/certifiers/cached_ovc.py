@@ -122,6 +122,12 @@ def embeddings_from_draws(draws: sampler.Draws) -> EmbeddingDraws:
                         draws.estimation["embeddings"])
 
 
+def compress_draws(cache: EmbeddingDraws, fmt: str) -> EmbeddingDraws:
+  """Both streams of a float32 cache encoded to `fmt` ("int16" or "int8")."""
+  return EmbeddingDraws(*(cache_codec.encode_rows(np.asarray(rows), fmt)
+                          for rows in cache))
+
+
 def chunk_rows(num_rows: int, num_logits: int,
                batch_size: int | None = None) -> int:
   """Rows counted at once for `num_rows` rows and `num_logits` = P * C.
