@@ -41,10 +41,10 @@ def _without_new_columns(rows_by_table):
 
 
 @pytest.fixture(scope="module")
-def int8_run(tmp_path_factory):
+def int8_run(tmp_path_factory, warm_python):
   workdir = str(tmp_path_factory.mktemp("certify_int8"))
   proc = run("experiments.certify", f"--workdir={workdir}", *TINY,
-             "--config.cache_format=int8")
+             "--config.cache_format=int8", warm=warm_python)
   return workdir, proc
 
 
@@ -347,8 +347,8 @@ def test_resuming_with_another_cache_format(float32_copy, warm_python):
   assert "cache_format" not in certify_job.result_config(config)
 
 
-def test_single_mode_reads_and_verifies_another_runs_int8_caches(int8_run,
-                                                                  tmp_path):
+def test_single_mode_reads_and_verifies_another_runs_int8_caches(
+    int8_run, tmp_path, warm_python):
   """Cached-OVC in single mode from the int8 run's caches (regenerating
   --config.verify_cache_samples of their samples first) gives that run's
   rows for the same prompt."""
@@ -357,7 +357,7 @@ def test_single_mode_reads_and_verifies_another_runs_int8_caches(int8_run,
   run("experiments.certify",
       "--config=experiments/configs/certify.py:cached", f"--workdir={workdir}",
       *TINY, f"--config.cache_dir={source}/caches",
-      "--config.verify_cache_samples=6")
+      "--config.verify_cache_samples=6", warm=warm_python)
   got = tsv_rows_without_time(workdir)
   want = tsv_rows_without_time(source)
   (name, rows), = got.items()

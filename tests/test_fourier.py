@@ -285,7 +285,9 @@ def test_small_images_are_refused_by_the_map():
 # The experiment
 
 
-def run(*args):
+def run(*args, warm=None):
+  if warm is not None:
+    return warm.run("experiments.fourier_heatmap", *args, timeout=300)
   return subprocess.run([sys.executable, "-m", "experiments.fourier_heatmap",
                          *args], cwd=REPO, env=ENV, capture_output=True,
                         text=True, timeout=300)
@@ -301,10 +303,10 @@ def test_experiment_with_v_zero_exits_1_with_one_line(warm_python, tmp_path):
   assert not os.path.exists(workdir)
 
 
-def test_experiment_quick_writes_maps_and_resumes(tmp_path):
+def test_experiment_quick_writes_maps_and_resumes(tmp_path, warm_python):
   workdir = str(tmp_path / "w")
   config = "--config=experiments/configs/fourier_heatmap.py:quick"
-  proc = run(config, f"--workdir={workdir}")
+  proc = run(config, f"--workdir={workdir}", warm=warm_python)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ETA" in proc.stderr
   for name in ("error_map.npy", "error_map.csv", "error_map.png",
@@ -319,7 +321,7 @@ def test_experiment_quick_writes_maps_and_resumes(tmp_path):
     summary = json.load(f)
   assert summary["maps"]["error"]["files"]["png"] == "error_map.png"
   # A rerun finds every row written and writes none again.
-  proc = run(config, f"--workdir={workdir}")
+  proc = run(config, f"--workdir={workdir}", warm=warm_python)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "frequencies.tsv")) as f:
     assert f.read() == first

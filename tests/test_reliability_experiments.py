@@ -80,12 +80,6 @@ def tiny_config(**overrides):
   return config
 
 
-def run_cli(module, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
-
-
 def assert_one_line_error(proc, *fragments, status=1):
   """Exit status, no traceback, and one `error: ...` line holding fragments."""
   assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])

@@ -127,14 +127,15 @@ def _train(workdir, export_dir, *extra, runner=None):
 
 @pytest.mark.heavy
 def test_training_resumes_to_the_same_weights(tmp_path, warm_python):
-  straight = _train(tmp_path / "a", tmp_path / "a_export")
+  straight = _train(tmp_path / "a", tmp_path / "a_export", runner=warm_python)
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert "steps done" in straight.stderr and "ETA" in straight.stderr
 
-  stopped = _train(tmp_path / "b", tmp_path / "b_export", "--stop_at_step=5")
+  stopped = _train(tmp_path / "b", tmp_path / "b_export", "--stop_at_step=5",
+                   runner=warm_python)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert not (tmp_path / "b_export").exists()
-  resumed = _train(tmp_path / "b", tmp_path / "b_export")
+  resumed = _train(tmp_path / "b", tmp_path / "b_export", runner=warm_python)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from the checkpoint at step" in resumed.stderr
 
@@ -148,7 +149,6 @@ def test_training_resumes_to_the_same_weights(tmp_path, warm_python):
   assert loaded.model.image_size == 32
 
   # Another config in the same workdir is refused, naming the field.
-  # (It stops before training: the warm interpreter's fork runs it.)
   other = _train(tmp_path / "b", tmp_path / "c_export", "--config.seed=1",
                  runner=warm_python)
   assert other.returncode != 0

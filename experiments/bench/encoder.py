@@ -5,10 +5,12 @@ without JAX's persistent compilation cache (`--compile_child`)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +56,28 @@ def peer_throughput(backbone: Backbone, x: jax.Array, config) -> dict:
     return {"peer_encoder_images_per_s": None,
             "peer_note": "transformers' FlaxCLIPModel needs transformers < 5"}
   from ovc_jax import models  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     models.save_hf_checkpoint((backbone.model, backbone.params), tmp)
-    peer = FlaxCLIPModel.from_pretrained(tmp, from_pt=True)
+    peer = FlaxCLIPModel(CLIPConfig.from_pretrained(tmp), _do_init=False)
+    state = load_file(os.path.join(tmp, "model.safetensors"))
+  # transformers' own converter, given the parameter shapes only: its
+  # from_pretrained would first initialise random weights, op by op, for
+  # seconds, only to replace them.
+  shapes = jax.eval_shape(lambda k: peer.init_weights(k, peer.input_shape),
+                          jax.random.key(0))
+  peer_params = convert_pytorch_state_dict_to_flax(
+      state, types.SimpleNamespace(base_model_prefix=peer.base_model_prefix,
+                                   params=shapes))
   batch = jnp.broadcast_to(x, (config.batch_size,) + x.shape)
   pixels = jnp.transpose(batch, (0, 3, 1, 2))  # HF takes NCHW
   fn = jax.jit(lambda p, v: peer.get_image_features(pixel_values=v, params=p))
   ours = np.asarray(backbone.model.embed_images(backbone.params, batch[:2]))
-  theirs = np.asarray(fn(peer.params, pixels)[:2])
-  jax.block_until_ready(fn(peer.params, pixels))
-  seconds = median_seconds(lambda: fn(peer.params, pixels),
+  theirs = np.asarray(fn(peer_params, pixels)[:2])
+  jax.block_until_ready(fn(peer_params, pixels))
+  seconds = median_seconds(lambda: fn(peer_params, pixels),
                            config.encoder_repeats)
   return {"peer_encoder_images_per_s": config.batch_size / seconds,
           "peer_max_abs_difference": float(np.max(np.abs(ours - theirs))),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,6 +38,9 @@ def _reset_peak() -> bool:
 
 def memory_child(spec: dict, config) -> None:
   """In a fresh process: the peak memory one call of a method adds."""
+  # "first" includes compilation, even where the user's environment sets a
+  # persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+  jax.config.update("jax_enable_compilation_cache", False)
   from ovc_jax import ovc  # pylint: disable=g-import-not-at-top
   from ovc_jax import sampler  # pylint: disable=g-import-not-at-top
   from ovc_jax.certificates import SmoothingParams  # pylint: disable=g-import-not-at-top

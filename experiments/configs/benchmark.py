@@ -113,6 +113,7 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.large.standard_n = 100_000
   elif c.variant == "ci":
     c.architectures = ("toy",)
+    c.n = c.n0  # the n0 and n passes run one compiled program
     c.repeats = 1
     c.encoder_repeats = 1
     c.large.n = 5000
@@ -130,7 +131,7 @@ def get_config(arg: str | None = "quick") -> config_dict.ConfigDict:
     c.batched.repeats = 1
     c.compressed.toy_sigmas = (0.25,)
     c.compressed.toy_inputs = 1
-    c.compressed.toy_n = 200          # the main section's shapes: no compile
+    c.compressed.toy_n = c.n          # the main section's shapes
     c.compressed.architectures = ("toy",)
     c.compressed.repeats = 1
     c.compressed.min_total_s = 0.0
