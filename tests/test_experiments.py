@@ -315,7 +315,7 @@ def test_benchmark_writes_every_field(tmp_path):
   section = report["compressed"]
   assert section["formats"] == ["int16", "int8"]
   toy_row = section["toy_real"]["sigmas"]["0.25"]
-  assert toy_row["rows_per_input"] == 300
+  assert toy_row["rows_per_input"] == 200  # n0 + n of the ci variant
   for fmt, ratio in (("int16", 0.6), ("int8", 0.3)):
     assert 0 < toy_row[fmt]["ratio"] < ratio, fmt
     assert toy_row[fmt]["identical_to_standard"], fmt
