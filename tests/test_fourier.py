@@ -4,8 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ from ovc_jax.classifiers import EmbeddingClassifier, LinearEncoder
 from ovc_jax.errors import ConfigError
 
 # The run and its rerun share the session's JAX compilation cache.
-from commands import ENV, REPO
+from commands import REPO
 import test_reliability_experiments  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -285,14 +283,6 @@ def test_small_images_are_refused_by_the_map():
 # The experiment
 
 
-def run(*args, warm=None):
-  if warm is not None:
-    return warm.run("experiments.fourier_heatmap", *args, timeout=300)
-  return subprocess.run([sys.executable, "-m", "experiments.fourier_heatmap",
-                         *args], cwd=REPO, env=ENV, capture_output=True,
-                        text=True, timeout=300)
-
-
 def test_experiment_with_v_zero_exits_1_with_one_line(warm_python, tmp_path):
   workdir = str(tmp_path / "w")
   proc = warm_python.run("experiments.fourier_heatmap", "--config.v=0",
@@ -306,7 +296,8 @@ def test_experiment_with_v_zero_exits_1_with_one_line(warm_python, tmp_path):
 def test_experiment_quick_writes_maps_and_resumes(tmp_path, warm_python):
   workdir = str(tmp_path / "w")
   config = "--config=experiments/configs/fourier_heatmap.py:quick"
-  proc = run(config, f"--workdir={workdir}", warm=warm_python)
+  proc = warm_python.run("experiments.fourier_heatmap", config,
+                         f"--workdir={workdir}", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ETA" in proc.stderr
   for name in ("error_map.npy", "error_map.csv", "error_map.png",
@@ -321,7 +312,8 @@ def test_experiment_quick_writes_maps_and_resumes(tmp_path, warm_python):
     summary = json.load(f)
   assert summary["maps"]["error"]["files"]["png"] == "error_map.png"
   # A rerun finds every row written and writes none again.
-  proc = run(config, f"--workdir={workdir}", warm=warm_python)
+  proc = warm_python.run("experiments.fourier_heatmap", config,
+                         f"--workdir={workdir}", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "frequencies.tsv")) as f:
     assert f.read() == first

@@ -9,8 +9,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -32,7 +30,6 @@ def _predict(z, class_embeddings):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CLIP = os.path.join(REPO, "checkpoints", "toy_clip")
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
 
 # Test images whose zero-shot prediction may differ from the recorded one on
 # another CPU: XLA's float32 reductions are not bit-identical across
@@ -115,27 +112,26 @@ def test_committed_files_are_small_and_pickle_free():
   assert all(np.all(np.isfinite(w)) for w in weights.values())
 
 
-def _train(workdir, export_dir, *extra, runner=None):
-  args = ["--config=experiments/configs/train_toy_clip.py:tiny,no_eval_cert",
-          f"--workdir={workdir}", f"--export_dir={export_dir}", *extra]
-  if runner is not None:
-    return runner.run("experiments.train_toy_clip", *args, timeout=300)
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.train_toy_clip", *args],
-      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+def _train(warm_python, workdir, export_dir, *extra):
+  """`python -m experiments.train_toy_clip` (tiny) as a warm fork."""
+  return warm_python.run(
+      "experiments.train_toy_clip",
+      "--config=experiments/configs/train_toy_clip.py:tiny,no_eval_cert",
+      f"--workdir={workdir}", f"--export_dir={export_dir}", *extra,
+      timeout=300)
 
 
 @pytest.mark.heavy
 def test_training_resumes_to_the_same_weights(tmp_path, warm_python):
-  straight = _train(tmp_path / "a", tmp_path / "a_export", runner=warm_python)
+  straight = _train(warm_python, tmp_path / "a", tmp_path / "a_export")
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert "steps done" in straight.stderr and "ETA" in straight.stderr
 
-  stopped = _train(tmp_path / "b", tmp_path / "b_export", "--stop_at_step=5",
-                   runner=warm_python)
+  stopped = _train(warm_python, tmp_path / "b", tmp_path / "b_export",
+                   "--stop_at_step=5")
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert not (tmp_path / "b_export").exists()
-  resumed = _train(tmp_path / "b", tmp_path / "b_export", runner=warm_python)
+  resumed = _train(warm_python, tmp_path / "b", tmp_path / "b_export")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from the checkpoint at step" in resumed.stderr
 
@@ -149,8 +145,8 @@ def test_training_resumes_to_the_same_weights(tmp_path, warm_python):
   assert loaded.model.image_size == 32
 
   # Another config in the same workdir is refused, naming the field.
-  other = _train(tmp_path / "b", tmp_path / "c_export", "--config.seed=1",
-                 runner=warm_python)
+  other = _train(warm_python, tmp_path / "b", tmp_path / "c_export",
+                 "--config.seed=1")
   assert other.returncode != 0
   assert "seed" in other.stderr and "Traceback" not in other.stderr
 
